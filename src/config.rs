@@ -1,0 +1,200 @@
+//! Configuration: built-in defaults → optional `callbridge.toml` → `CALLBRIDGE_*` environment
+//! (plus the conventional `DATABASE_URL`), validated once at start so a bad value stops the
+//! process with a message instead of surfacing as a runtime failure.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::{Context, bail};
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+/// Every setting, flat so each maps to one `CALLBRIDGE_<NAME>` variable.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// `sqlite://…` (default, WAL) or `postgres://…`.
+    pub database_url: String,
+    /// Address the HTTP server listens on.
+    pub bind: SocketAddr,
+    /// Base of every URL handed to Exotel and CRMs; default `http://{bind}`.
+    pub public_url: Option<String>,
+    /// 32 bytes, base64: seals secrets at rest. Required with PostgreSQL.
+    #[serde(skip_serializing)]
+    pub master_key: Option<SecretString>,
+    /// Region used to read national numbers (ISO 3166 alpha-2).
+    pub default_region: String,
+    /// Offset of the times Exotel sends without one (`+05:30` = IST).
+    pub exotel_utc_offset: String,
+    /// Seconds to wait for Exotel's API before giving up (no retry of a connect).
+    pub exotel_timeout_secs: u64,
+    /// Seconds during which a repeated click for the same from/to returns the first call.
+    pub click_debounce_secs: u64,
+    /// Largest accepted callback body, in bytes.
+    pub callback_body_limit: usize,
+    /// Most callbacks committed in one transaction.
+    pub ingest_batch_max: usize,
+    /// Writer tasks committing callback batches (0 = 1 on SQLite, 4 on PostgreSQL).
+    pub ingest_writers: usize,
+    /// SQLite `synchronous` pragma: `full` (fsync every commit) or `normal`.
+    pub sqlite_synchronous: String,
+    /// Database pool size (0 = 8 on SQLite, 16 on PostgreSQL).
+    pub db_max_connections: u32,
+    /// Run the delivery worker in this process.
+    pub worker_enabled: bool,
+    /// Deliveries in flight at once per process.
+    pub worker_concurrency: usize,
+    /// Milliseconds between queue polls when idle.
+    pub worker_poll_ms: u64,
+    /// Seconds a claimed job is leased before another worker may take it over.
+    pub job_lease_secs: u64,
+    /// Attempts before a job is dead-lettered.
+    pub job_max_attempts: i32,
+    /// First retry delay in seconds (doubles each attempt, ±20 % jitter).
+    pub job_backoff_base_secs: u64,
+    /// Longest retry delay in seconds.
+    pub job_backoff_max_secs: u64,
+    /// Seconds to wait for a webhook receiver.
+    pub webhook_timeout_secs: u64,
+    /// Run the reconciler (asks Exotel about calls whose callback never came).
+    pub reconcile_enabled: bool,
+    /// Seconds after a call is placed before it is reconciled.
+    pub reconcile_after_secs: u64,
+    /// Seconds between reconciler passes.
+    pub reconcile_interval_secs: u64,
+    /// Call-details requests per Exotel account per minute (Exotel allows 200 for all APIs).
+    pub reconcile_per_minute: u32,
+    /// Times one call is asked about before the reconciler gives up on it.
+    pub reconcile_max_attempts: i32,
+    /// `pretty` or `json`.
+    pub log_format: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            database_url: "sqlite://callbridge.db?mode=rwc".into(),
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            public_url: None,
+            master_key: None,
+            default_region: "IN".into(),
+            exotel_utc_offset: "+05:30".into(),
+            exotel_timeout_secs: 10,
+            click_debounce_secs: 5,
+            callback_body_limit: 64 * 1024,
+            ingest_batch_max: 512,
+            ingest_writers: 0,
+            sqlite_synchronous: "full".into(),
+            db_max_connections: 0,
+            worker_enabled: true,
+            worker_concurrency: 16,
+            worker_poll_ms: 500,
+            job_lease_secs: 120,
+            job_max_attempts: 12,
+            job_backoff_base_secs: 10,
+            job_backoff_max_secs: 3600,
+            webhook_timeout_secs: 15,
+            reconcile_enabled: true,
+            reconcile_after_secs: 600,
+            reconcile_interval_secs: 30,
+            reconcile_per_minute: 60,
+            reconcile_max_attempts: 10,
+            log_format: "pretty".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Load defaults, then `file` (or `./callbridge.toml` when present), then the environment.
+    ///
+    /// # Errors
+    /// A setting that does not parse or does not validate.
+    pub fn load(file: Option<PathBuf>) -> anyhow::Result<Self> {
+        let mut figment = Figment::from(Serialized::defaults(Self::default()));
+        match file {
+            Some(path) => {
+                if !path.exists() {
+                    bail!("config file {} does not exist", path.display());
+                }
+                figment = figment.merge(Toml::file(path));
+            }
+            None => figment = figment.merge(Toml::file("callbridge.toml")),
+        }
+        figment = figment
+            .merge(Env::raw().only(&["DATABASE_URL"]))
+            .merge(Env::prefixed("CALLBRIDGE_"));
+        let config: Self = figment.extract().context("reading configuration")?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Check every value that could only fail later.
+    ///
+    /// # Errors
+    /// The first invalid setting, named.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if !(self.database_url.starts_with("sqlite:")
+            || self.database_url.starts_with("postgres://")
+            || self.database_url.starts_with("postgresql://"))
+        {
+            bail!("DATABASE_URL must start with sqlite: or postgres://");
+        }
+        if let Some(url) = &self.public_url {
+            let parsed = url::Url::parse(url).context("CALLBRIDGE_PUBLIC_URL is not a URL")?;
+            if !matches!(parsed.scheme(), "http" | "https") {
+                bail!("CALLBRIDGE_PUBLIC_URL must be http(s)");
+            }
+        }
+        crate::phone::region(&self.default_region).map_err(|e| {
+            anyhow::anyhow!("CALLBRIDGE_DEFAULT_REGION is not a known region code: {e}")
+        })?;
+        crate::exotel::parse_offset(&self.exotel_utc_offset).map_err(|e| {
+            anyhow::anyhow!("CALLBRIDGE_EXOTEL_UTC_OFFSET must look like +05:30: {e}")
+        })?;
+        if !matches!(self.sqlite_synchronous.as_str(), "full" | "normal") {
+            bail!("CALLBRIDGE_SQLITE_SYNCHRONOUS must be full or normal");
+        }
+        if !matches!(self.log_format.as_str(), "pretty" | "json") {
+            bail!("CALLBRIDGE_LOG_FORMAT must be pretty or json");
+        }
+        if self.job_max_attempts < 1 {
+            bail!("CALLBRIDGE_JOB_MAX_ATTEMPTS must be at least 1");
+        }
+        if self.ingest_batch_max == 0 || self.worker_concurrency == 0 {
+            bail!("CALLBRIDGE_INGEST_BATCH_MAX and CALLBRIDGE_WORKER_CONCURRENCY must be positive");
+        }
+        if self.job_lease_secs <= self.webhook_timeout_secs {
+            bail!("CALLBRIDGE_JOB_LEASE_SECS must exceed CALLBRIDGE_WEBHOOK_TIMEOUT_SECS");
+        }
+        if let Some(key) = &self.master_key {
+            crate::crypto::Sealer::from_base64(key.expose_secret())
+                .context("CALLBRIDGE_MASTER_KEY must be 32 bytes, base64")?;
+        }
+        Ok(())
+    }
+
+    /// Whether the database is PostgreSQL.
+    #[must_use]
+    pub fn is_postgres(&self) -> bool {
+        self.database_url.starts_with("postgres")
+    }
+
+    /// The public base URL without a trailing slash.
+    #[must_use]
+    pub fn public_base(&self) -> String {
+        self.public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.bind))
+            .trim_end_matches('/')
+            .to_owned()
+    }
+
+    /// Exotel's API timeout.
+    #[must_use]
+    pub fn exotel_timeout(&self) -> Duration {
+        Duration::from_secs(self.exotel_timeout_secs)
+    }
+}

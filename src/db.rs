@@ -1,0 +1,153 @@
+//! Database connection for SQLite (default, WAL) and PostgreSQL, migrations, and the few
+//! helpers every repository uses.
+//!
+//! SQLite rule: a transaction that writes begins `IMMEDIATE` (via [`begin_write`]), so it takes
+//! the write lock up front and waits on `busy_timeout` instead of failing when a read snapshot
+//! would have to be upgraded.
+
+use std::{str::FromStr, time::Duration};
+
+use anyhow::Context;
+use migration::{Migrator, MigratorTrait};
+use sea_orm::{
+    ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DatabaseTransaction, DbBackend,
+    DbErr, SqliteTransactionMode, Statement, TransactionOptions, TransactionTrait, Value,
+    sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous},
+};
+
+use crate::config::Config;
+
+/// Open the pool for `config.database_url`.
+///
+/// # Errors
+/// The database cannot be reached or opened.
+pub async fn connect(config: &Config) -> anyhow::Result<DatabaseConnection> {
+    let mut opts = ConnectOptions::new(config.database_url.clone());
+    let max = match config.db_max_connections {
+        0 if config.is_postgres() => 16,
+        0 => 8,
+        n => n,
+    };
+    opts.max_connections(max)
+        .min_connections(1)
+        .connect_timeout(Duration::from_secs(10))
+        .acquire_timeout(Duration::from_secs(15))
+        .sqlx_logging(false);
+    if !config.is_postgres() {
+        let sync = SqliteSynchronous::from_str(&config.sqlite_synchronous)
+            .unwrap_or(SqliteSynchronous::Full);
+        opts.map_sqlx_sqlite_opts(move |o| {
+            o.journal_mode(SqliteJournalMode::Wal)
+                .synchronous(sync)
+                .busy_timeout(Duration::from_secs(10))
+                .foreign_keys(true)
+                .pragma("temp_store", "memory")
+                .create_if_missing(true)
+        });
+    }
+    Database::connect(opts)
+        .await
+        .with_context(|| format!("connecting to {}", redact_url(&config.database_url)))
+}
+
+/// Bring the schema up to date.
+///
+/// # Errors
+/// A migration failed.
+pub async fn migrate(db: &DatabaseConnection) -> anyhow::Result<()> {
+    Migrator::up(db, None).await.context("running migrations")
+}
+
+/// Begin a transaction that will write (IMMEDIATE on SQLite).
+///
+/// # Errors
+/// The pool or the lock could not be had.
+pub async fn begin_write(db: &DatabaseConnection) -> Result<DatabaseTransaction, DbErr> {
+    db.begin_with_options(TransactionOptions {
+        isolation_level: None,
+        access_mode: None,
+        sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+    })
+    .await
+}
+
+/// Now, in Unix milliseconds: the unit of every stored timestamp.
+#[must_use]
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// A raw statement whose `?` placeholders are rewritten to `$n` on PostgreSQL.
+#[must_use]
+pub fn stmt(backend: DbBackend, sql: &str, values: Vec<Value>) -> Statement {
+    let sql = if backend == DbBackend::Postgres {
+        let mut out = String::with_capacity(sql.len() + 8);
+        let mut n = 0;
+        for c in sql.chars() {
+            if c == '?' {
+                n += 1;
+                out.push('$');
+                out.push_str(&n.to_string());
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    } else {
+        sql.to_owned()
+    };
+    Statement::from_sql_and_values(backend, sql, values)
+}
+
+/// `?, ?, ?` for an `IN (…)` list of `n` values.
+#[must_use]
+pub fn placeholders(n: usize) -> String {
+    vec!["?"; n].join(", ")
+}
+
+/// Whether the database answers.
+pub async fn ping(db: &DatabaseConnection) -> bool {
+    db.execute_unprepared("SELECT 1").await.is_ok()
+}
+
+/// A database URL with its password removed, for messages.
+#[must_use]
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Whether a database error is a unique-constraint violation (→ 409 at the HTTP edge).
+#[must_use]
+pub fn is_unique_violation(err: &DbErr) -> bool {
+    matches!(
+        err.sql_err(),
+        Some(sea_orm::SqlErr::UniqueConstraintViolation(_))
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_numbered_for_postgres() {
+        let s = stmt(DbBackend::Postgres, "a = ? AND b IN (?, ?)", vec![]);
+        assert_eq!(s.sql, "a = $1 AND b IN ($2, $3)");
+        let s = stmt(DbBackend::Sqlite, "a = ?", vec![]);
+        assert_eq!(s.sql, "a = ?");
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h/db"),
+            "postgres://u:***@h/db"
+        );
+    }
+}

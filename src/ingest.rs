@@ -1,0 +1,464 @@
+//! Durable callback ingestion with group commit.
+//!
+//! A handler parses the callback, then hands it to the writer and waits. Writer tasks take every
+//! callback that is waiting (up to `ingest_batch_max`), apply them all in **one** transaction
+//! (final state, legs, and the delivery jobs: a transactional outbox), commit, and only then
+//! answer each waiting handler. So a 200 always means "committed", and one fsync covers a whole
+//! batch. A repeated callback matches no row (`finalized_at IS NULL` fails) and enqueues nothing.
+//! If a batch fails, each callback in it is retried in its own transaction so one bad row cannot
+//! fail its neighbours.
+
+use std::{collections::HashSet, sync::Arc};
+
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, Value,
+};
+use tokio::sync::{Notify, oneshot};
+
+use crate::{
+    config::Config,
+    db::{self, placeholders, stmt},
+    exotel::{StatusCallback, is_terminal, parse_time},
+    metrics::Metrics,
+};
+
+/// How the call is identified.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum CallKey {
+    /// SHA-256 of the callback URL token.
+    TokenHash(String),
+    /// Our call id (reconciler).
+    CallId(String),
+}
+
+/// Where a final state came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Exotel's StatusCallback.
+    Callback,
+    /// The call-details API.
+    Reconcile,
+}
+
+impl Source {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Callback => "callback",
+            Self::Reconcile => "reconcile",
+        }
+    }
+}
+
+/// A state change ready to write.
+#[derive(Debug, Clone)]
+pub struct Update {
+    /// Which call.
+    pub key: CallKey,
+    /// Exotel's CallSid (must match the stored one if we have it).
+    pub call_sid: String,
+    /// Exotel status.
+    pub status: String,
+    /// UTC millis.
+    pub started_at: Option<i64>,
+    /// UTC millis.
+    pub ended_at: Option<i64>,
+    /// Bridged seconds.
+    pub conversation_duration: Option<i32>,
+    /// Exotel's recording URL.
+    pub recording_url: Option<String>,
+    /// Legs as JSON.
+    pub legs: Option<String>,
+    /// The raw payload as JSON text.
+    pub raw: Option<String>,
+    /// Origin.
+    pub source: Source,
+}
+
+impl Update {
+    /// Build from a parsed callback, converting Exotel's offset-less times to UTC.
+    #[must_use]
+    pub fn from_callback(
+        key: CallKey,
+        cb: &StatusCallback,
+        offset: chrono::FixedOffset,
+        raw: Option<String>,
+        source: Source,
+    ) -> Self {
+        let ms = |s: &Option<String>| {
+            s.as_deref()
+                .and_then(|s| parse_time(s, offset))
+                .map(|t| t.timestamp_millis())
+        };
+        Self {
+            key,
+            call_sid: cb.call_sid.clone(),
+            status: cb.status.clone(),
+            started_at: ms(&cb.start_time),
+            ended_at: ms(&cb.end_time).or_else(|| {
+                if is_terminal(&cb.status) {
+                    ms(&cb.date_updated)
+                } else {
+                    None
+                }
+            }),
+            conversation_duration: cb
+                .conversation_duration
+                .map(|d| i32::try_from(d).unwrap_or(i32::MAX)),
+            recording_url: cb.recording_url.clone(),
+            legs: (!cb.legs.is_empty())
+                .then(|| serde_json::to_string(&cb.legs).unwrap_or_else(|_| "[]".into())),
+            raw,
+            source,
+        }
+    }
+}
+
+/// What happened to an update.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Committed; `call_id` is the call, `final` whether it was the terminal state.
+    Applied {
+        /// The call.
+        call_id: String,
+        /// Whether the call is now final (and delivery was enqueued).
+        terminal: bool,
+    },
+    /// The call was already final: nothing changed.
+    Duplicate,
+    /// No call has this key.
+    Unknown,
+    /// The CallSid differs from the one Exotel gave us for this call.
+    SidMismatch,
+}
+
+/// The writer failed to commit.
+#[derive(Debug, thiserror::Error)]
+#[error("could not store the callback: {0}")]
+pub struct IngestError(String);
+
+struct Item {
+    update: Update,
+    reply: oneshot::Sender<Result<Outcome, IngestError>>,
+}
+
+/// Submits updates to the writer tasks.
+#[derive(Clone)]
+pub struct Ingestor {
+    tx: async_channel::Sender<Item>,
+}
+
+/// Stops the writer tasks.
+pub struct IngestHandle {
+    tx: async_channel::Sender<Item>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl IngestHandle {
+    /// Close the queue and wait until every submitted update is committed or answered.
+    pub async fn stop(self) {
+        self.tx.close();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Ingestor {
+    /// Start the writer tasks.
+    #[must_use]
+    pub fn start(
+        db: DatabaseConnection,
+        config: &Config,
+        metrics: Metrics,
+        jobs_ready: Arc<Notify>,
+    ) -> (Self, IngestHandle) {
+        let writers = match config.ingest_writers {
+            0 if config.is_postgres() => 4,
+            0 => 1,
+            n => n,
+        };
+        let (tx, rx) = async_channel::bounded::<Item>(16_384);
+        let writer = Arc::new(Writer {
+            db,
+            batch_max: config.ingest_batch_max,
+            max_attempts: config.job_max_attempts,
+            metrics,
+            jobs_ready,
+        });
+        let tasks = (0..writers)
+            .map(|_| {
+                let rx = rx.clone();
+                let w = Arc::clone(&writer);
+                tokio::spawn(async move { w.run(rx).await })
+            })
+            .collect();
+        (Self { tx: tx.clone() }, IngestHandle { tx, tasks })
+    }
+
+    /// Submit an update and wait until it is committed.
+    ///
+    /// # Errors
+    /// The commit failed (the caller answers 5xx so Exotel retries).
+    pub async fn submit(&self, update: Update) -> Result<Outcome, IngestError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Item { update, reply })
+            .await
+            .map_err(|_| IngestError("the writer is shutting down".into()))?;
+        rx.await
+            .map_err(|_| IngestError("the writer stopped before answering".into()))?
+    }
+}
+
+struct Writer {
+    db: DatabaseConnection,
+    batch_max: usize,
+    max_attempts: i32,
+    metrics: Metrics,
+    jobs_ready: Arc<Notify>,
+}
+
+impl Writer {
+    async fn run(&self, rx: async_channel::Receiver<Item>) {
+        while let Ok(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < self.batch_max {
+                match rx.try_recv() {
+                    Ok(item) => batch.push(item),
+                    Err(_) => break,
+                }
+            }
+            self.commit_batch(batch).await;
+        }
+    }
+
+    async fn commit_batch(&self, batch: Vec<Item>) {
+        let backend = self.db.get_database_backend();
+        self.metrics
+            .ingest_batch
+            .with_label_values(&[if backend == DbBackend::Postgres {
+                "postgres"
+            } else {
+                "sqlite"
+            }])
+            .observe(batch.len() as f64);
+        let updates: Vec<&Update> = batch.iter().map(|i| &i.update).collect();
+        match self.apply(&updates).await {
+            Ok((outcomes, enqueued)) => {
+                if enqueued {
+                    self.jobs_ready.notify_one();
+                }
+                for (item, outcome) in batch.into_iter().zip(outcomes) {
+                    let _ = item.reply.send(Ok(outcome));
+                }
+            }
+            Err(err) if batch.len() > 1 => {
+                tracing::warn!(error = %err, size = batch.len(), "batch commit failed; retrying one by one");
+                for item in batch {
+                    let result = self.apply(&[&item.update]).await;
+                    let reply = match result {
+                        Ok((mut o, enqueued)) => {
+                            if enqueued {
+                                self.jobs_ready.notify_one();
+                            }
+                            Ok(o.pop().unwrap_or(Outcome::Unknown))
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "callback commit failed");
+                            Err(IngestError(e.to_string()))
+                        }
+                    };
+                    let _ = item.reply.send(reply);
+                }
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "callback commit failed");
+                for item in batch {
+                    let _ = item.reply.send(Err(IngestError(err.to_string())));
+                }
+            }
+        }
+    }
+
+    /// One transaction for all `updates`. Returns each outcome and whether jobs were enqueued.
+    async fn apply(&self, updates: &[&Update]) -> Result<(Vec<Outcome>, bool), DbErr> {
+        let txn = db::begin_write(&self.db).await?;
+        let backend = txn.get_database_backend();
+        let now = db::now_ms();
+        let mut outcomes = Vec::with_capacity(updates.len());
+        let mut finished: Vec<(String, String)> = Vec::new();
+        let mut seen: HashSet<&CallKey> = HashSet::new();
+        for u in updates {
+            if !seen.insert(&u.key) && is_terminal(&u.status) {
+                // The same call twice in one batch: the first one wins.
+                outcomes.push(Outcome::Duplicate);
+                continue;
+            }
+            outcomes.push(apply_one(&txn, backend, u, now, &mut finished).await?);
+        }
+        let enqueued = enqueue_deliveries(&txn, backend, &finished, now, self.max_attempts).await?;
+        txn.commit().await?;
+        Ok((outcomes, enqueued))
+    }
+}
+
+fn key_clause(key: &CallKey) -> (&'static str, Value) {
+    match key {
+        CallKey::TokenHash(h) => ("token_hash = ?", h.clone().into()),
+        CallKey::CallId(id) => ("id = ?", id.clone().into()),
+    }
+}
+
+async fn apply_one(
+    txn: &DatabaseTransaction,
+    backend: DbBackend,
+    u: &Update,
+    now: i64,
+    finished: &mut Vec<(String, String)>,
+) -> Result<Outcome, DbErr> {
+    let (key_sql, key_val) = key_clause(&u.key);
+    let terminal = is_terminal(&u.status);
+    // The first statement writes, so SQLite's IMMEDIATE lock is already held; PostgreSQL locks
+    // the row, so two instances racing on one callback serialise here and the loser matches
+    // nothing.
+    let row = if terminal {
+        let sql = format!(
+            "UPDATE calls SET status = ?, exotel_call_sid = COALESCE(exotel_call_sid, ?), \
+             started_at = COALESCE(?, started_at), ended_at = COALESCE(?, ended_at), \
+             finalized_at = ?, final_source = ?, conversation_duration = ?, recording_url = ?, \
+             legs = COALESCE(?, legs), final_payload = ?, next_reconcile_at = NULL, updated_at = ? \
+             WHERE {key_sql} AND finalized_at IS NULL \
+             AND (exotel_call_sid IS NULL OR exotel_call_sid = ?) RETURNING id, tenant_id"
+        );
+        txn.query_one_raw(stmt(
+            backend,
+            &sql,
+            vec![
+                u.status.clone().into(),
+                u.call_sid.clone().into(),
+                u.started_at.into(),
+                u.ended_at.into(),
+                now.into(),
+                u.source.as_str().into(),
+                u.conversation_duration.unwrap_or(0).into(),
+                u.recording_url.clone().into(),
+                u.legs.clone().into(),
+                u.raw.clone().into(),
+                now.into(),
+                key_val.clone(),
+                u.call_sid.clone().into(),
+            ],
+        ))
+        .await?
+    } else {
+        let sql = format!(
+            "UPDATE calls SET status = ?, exotel_call_sid = COALESCE(exotel_call_sid, ?), \
+             started_at = COALESCE(?, started_at), updated_at = ? \
+             WHERE {key_sql} AND finalized_at IS NULL \
+             AND (exotel_call_sid IS NULL OR exotel_call_sid = ?) RETURNING id, tenant_id"
+        );
+        txn.query_one_raw(stmt(
+            backend,
+            &sql,
+            vec![
+                u.status.clone().into(),
+                u.call_sid.clone().into(),
+                u.started_at.into(),
+                now.into(),
+                key_val.clone(),
+                u.call_sid.clone().into(),
+            ],
+        ))
+        .await?
+    };
+    if let Some(row) = row {
+        let id: String = row.try_get("", "id")?;
+        let tenant: String = row.try_get("", "tenant_id")?;
+        if terminal {
+            finished.push((id.clone(), tenant));
+        }
+        return Ok(Outcome::Applied {
+            call_id: id,
+            terminal,
+        });
+    }
+    // Nothing matched: tell unknown, already-final and wrong-sid apart.
+    let sql = format!("SELECT finalized_at, exotel_call_sid FROM calls WHERE {key_sql}");
+    let Some(row) = txn.query_one_raw(stmt(backend, &sql, vec![key_val])).await? else {
+        return Ok(Outcome::Unknown);
+    };
+    let finalized: Option<i64> = row.try_get("", "finalized_at")?;
+    if finalized.is_some() {
+        return Ok(Outcome::Duplicate);
+    }
+    Ok(Outcome::SidMismatch)
+}
+
+/// Insert one delivery job per sink of each finished call (the tenant webhook today; CRM
+/// installations plug in here). `dedupe_key` makes a second enqueue a no-op.
+async fn enqueue_deliveries(
+    txn: &DatabaseTransaction,
+    backend: DbBackend,
+    finished: &[(String, String)],
+    now: i64,
+    max_attempts: i32,
+) -> Result<bool, DbErr> {
+    if finished.is_empty() {
+        return Ok(false);
+    }
+    let tenants: Vec<String> = {
+        let mut t: Vec<String> = finished.iter().map(|(_, t)| t.clone()).collect();
+        t.sort();
+        t.dedup();
+        t
+    };
+    let sql = format!(
+        "SELECT id FROM tenants WHERE webhook_url IS NOT NULL AND id IN ({})",
+        placeholders(tenants.len())
+    );
+    let rows = txn
+        .query_all_raw(stmt(
+            backend,
+            &sql,
+            tenants.iter().cloned().map(Value::from).collect(),
+        ))
+        .await?;
+    let with_webhook: HashSet<String> = rows
+        .iter()
+        .filter_map(|r| r.try_get::<String>("", "id").ok())
+        .collect();
+    let jobs: Vec<&(String, String)> = finished
+        .iter()
+        .filter(|(_, t)| with_webhook.contains(t))
+        .collect();
+    if jobs.is_empty() {
+        return Ok(false);
+    }
+    let mut sql = String::from(
+        "INSERT INTO jobs (tenant_id, kind, call_id, target, dedupe_key, message_id, state, \
+         attempts, max_attempts, run_at, created_at, updated_at) VALUES ",
+    );
+    let mut values: Vec<Value> = Vec::with_capacity(jobs.len() * 12);
+    for (i, (call_id, tenant_id)) in jobs.iter().enumerate() {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str("(?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)");
+        values.extend([
+            tenant_id.clone().into(),
+            crate::jobs::KIND_WEBHOOK.into(),
+            call_id.clone().into(),
+            "webhook".into(),
+            format!("{call_id}:webhook:final").into(),
+            format!("msg_{}", uuid::Uuid::now_v7().simple()).into(),
+            "queued".into(),
+            max_attempts.into(),
+            now.into(),
+            now.into(),
+            now.into(),
+        ]);
+    }
+    sql.push_str(" ON CONFLICT (dedupe_key) DO NOTHING");
+    txn.execute_raw(stmt(backend, &sql, values)).await?;
+    Ok(true)
+}
