@@ -337,14 +337,21 @@ pub enum Placed {
 /// # Errors
 /// 422 for bad input, 502 when Exotel refuses (the call is stored as failed), 504 when Exotel
 /// does not answer (the call may have been placed; its callback will still be accepted).
-pub async fn place(state: &AppState, t: &tenant::Model, req: PlaceCall) -> Result<Placed, ApiError> {
+pub async fn place(
+    state: &AppState,
+    t: &tenant::Model,
+    req: PlaceCall,
+) -> Result<Placed, ApiError> {
     let region = t.default_region.as_str();
     let from = phone::to_e164(&req.from, region)
         .map_err(|e| ApiError::validation("from", format!("from {e}")))?;
     let to = phone::to_e164(&req.to, region)
         .map_err(|e| ApiError::validation("to", format!("to {e}")))?;
     if from == to {
-        return Err(ApiError::validation("to", "from and to are the same number"));
+        return Err(ApiError::validation(
+            "to",
+            "from and to are the same number",
+        ));
     }
     let caller_id = match req.caller_id.as_deref().or(t.caller_id.as_deref()) {
         Some(n) => phone::to_e164(n, region)

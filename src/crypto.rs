@@ -92,7 +92,9 @@ impl Sealer {
         let body = sealed
             .strip_prefix(PREFIX)
             .context("sealed value has an unknown version")?;
-        let raw = STANDARD.decode(body).context("sealed value is not base64")?;
+        let raw = STANDARD
+            .decode(body)
+            .context("sealed value is not base64")?;
         if raw.len() < 12 + 16 {
             bail!("sealed value is too short");
         }

@@ -212,7 +212,9 @@ async fn sim_connect(Path(sid): Path<String>, body: Bytes) -> impl IntoResponse 
     if from.is_empty() || to.is_empty() || get("CallerId").is_empty() {
         return (
             StatusCode::BAD_REQUEST,
-            Json(json!({"RestException":{"Status":400,"Message":"From, To and CallerId are required"}})),
+            Json(
+                json!({"RestException":{"Status":400,"Message":"From, To and CallerId are required"}}),
+            ),
         );
     }
     let call_sid = uuid::Uuid::new_v4().simple().to_string();
@@ -220,11 +222,23 @@ async fn sim_connect(Path(sid): Path<String>, body: Bytes) -> impl IntoResponse 
         .with_timezone(&chrono::FixedOffset::east_opt(19_800).unwrap_or_else(|| unreachable!()));
     let fmt = |t: chrono::DateTime<chrono::FixedOffset>| t.format("%Y-%m-%d %H:%M:%S").to_string();
     let (status, legs, conv) = if to.ends_with("112233") {
-        ("busy", json!([{"OnCallDuration": 12, "Status": "completed"}, {"OnCallDuration": 0, "Status": "busy"}]), 0)
+        (
+            "busy",
+            json!([{"OnCallDuration": 12, "Status": "completed"}, {"OnCallDuration": 0, "Status": "busy"}]),
+            0,
+        )
     } else if to.ends_with("345678") && to.starts_with("+9170") {
-        ("no-answer", json!([{"OnCallDuration": 35, "Status": "completed"}, {"OnCallDuration": 0, "Status": "no-answer"}]), 0)
+        (
+            "no-answer",
+            json!([{"OnCallDuration": 35, "Status": "completed"}, {"OnCallDuration": 0, "Status": "no-answer"}]),
+            0,
+        )
     } else {
-        ("completed", json!([{"OnCallDuration": 41, "Status": "completed"}, {"OnCallDuration": 32, "Status": "completed"}]), 32)
+        (
+            "completed",
+            json!([{"OnCallDuration": 41, "Status": "completed"}, {"OnCallDuration": 32, "Status": "completed"}]),
+            32,
+        )
     };
     let recording_base = callback
         .split("/hooks/")

@@ -10,9 +10,7 @@
 
 use std::{collections::HashSet, sync::Arc};
 
-use sea_orm::{
-    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, Value,
-};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, Value};
 use tokio::sync::{Notify, oneshot};
 
 use crate::{
@@ -384,7 +382,10 @@ async fn apply_one(
     }
     // Nothing matched: tell unknown, already-final and wrong-sid apart.
     let sql = format!("SELECT finalized_at, exotel_call_sid FROM calls WHERE {key_sql}");
-    let Some(row) = txn.query_one_raw(stmt(backend, &sql, vec![key_val])).await? else {
+    let Some(row) = txn
+        .query_one_raw(stmt(backend, &sql, vec![key_val]))
+        .await?
+    else {
         return Ok(Outcome::Unknown);
     };
     let finalized: Option<i64> = row.try_get("", "finalized_at")?;

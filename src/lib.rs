@@ -159,8 +159,8 @@ pub async fn build_state(
         metrics.clone(),
         Arc::clone(&jobs_ready),
     );
-    let exotel_offset = exotel::parse_offset(&config.exotel_utc_offset)
-        .map_err(anyhow::Error::msg)?;
+    let exotel_offset =
+        exotel::parse_offset(&config.exotel_utc_offset).map_err(anyhow::Error::msg)?;
     let public_base = config.public_base();
     Ok((
         AppState(Arc::new(Inner {

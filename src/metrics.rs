@@ -32,9 +32,10 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new_custom(Some("callbridge".into()), None)
             .expect("static registry prefix is valid");
-        let calls = IntCounterVec::new(Opts::new("calls_total", "Click-to-call requests"), &[
-            "result",
-        ])
+        let calls = IntCounterVec::new(
+            Opts::new("calls_total", "Click-to-call requests"),
+            &["result"],
+        )
         .expect("valid metric");
         let callbacks = IntCounterVec::new(
             Opts::new("callbacks_total", "Exotel StatusCallbacks received"),
@@ -58,8 +59,9 @@ impl Metrics {
         )
         .expect("valid metric");
         let ingest_batch = HistogramVec::new(
-            HistogramOpts::new("ingest_batch_size", "Callbacks per commit")
-                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]),
+            HistogramOpts::new("ingest_batch_size", "Callbacks per commit").buckets(vec![
+                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0,
+            ]),
             &["backend"],
         )
         .expect("valid metric");

@@ -83,7 +83,9 @@ pub async fn pass(state: &AppState) -> anyhow::Result<usize> {
         let sid: String = row.try_get("", "exotel_call_sid")?;
         let attempts: i32 = row.try_get("", "reconcile_attempts")?;
         if !tenants_cache.contains_key(&tenant_id) {
-            let t = tenant::Entity::find_by_id(tenant_id.clone()).one(db).await?;
+            let t = tenant::Entity::find_by_id(tenant_id.clone())
+                .one(db)
+                .await?;
             tenants_cache.insert(tenant_id.clone(), t);
         }
         let Some(Some(t)) = tenants_cache.get(&tenant_id) else {
@@ -121,7 +123,14 @@ pub async fn pass(state: &AppState) -> anyhow::Result<usize> {
             Ok(_) => {
                 let wait = Duration::from_secs(cfg.reconcile_after_secs.max(60))
                     .saturating_mul(1 << attempts.clamp(0, 5));
-                reschedule(state, &id, now, attempts, wait.min(Duration::from_secs(3600))).await?;
+                reschedule(
+                    state,
+                    &id,
+                    now,
+                    attempts,
+                    wait.min(Duration::from_secs(3600)),
+                )
+                .await?;
             }
             Err(e) => {
                 tracing::warn!(call = %id, error = %e, "call details lookup failed");

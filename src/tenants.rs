@@ -210,11 +210,14 @@ pub struct NewAgent {
 /// # Errors
 /// Unknown tenant, bad phone, bad mapping, database failure.
 pub async fn add_agent(db: &DatabaseConnection, a: NewAgent) -> anyhow::Result<agent::Model> {
-    let Some(t) = tenant::Entity::find_by_id(a.tenant_id.clone()).one(db).await? else {
+    let Some(t) = tenant::Entity::find_by_id(a.tenant_id.clone())
+        .one(db)
+        .await?
+    else {
         bail!("no tenant {}", a.tenant_id);
     };
-    let phone = phone::to_e164(&a.phone, &t.default_region)
-        .map_err(|e| anyhow::anyhow!("--phone {e}"))?;
+    let phone =
+        phone::to_e164(&a.phone, &t.default_region).map_err(|e| anyhow::anyhow!("--phone {e}"))?;
     let mut mappings = Vec::new();
     for m in &a.crm_users {
         let Some((connector, user)) = m.split_once(':') else {
@@ -223,7 +226,9 @@ pub async fn add_agent(db: &DatabaseConnection, a: NewAgent) -> anyhow::Result<a
         let connector = connector.trim().to_ascii_lowercase();
         if connector.is_empty()
             || user.trim().is_empty()
-            || !connector.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            || !connector
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_')
         {
             bail!("--crm-user must look like CONNECTOR:USER_ID, got {m:?}");
         }

@@ -159,7 +159,9 @@ impl ExotelClient {
             .get("Sid")
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
-            .ok_or_else(|| ExotelError::BadResponse("no Call.Sid in the connect response".into()))?;
+            .ok_or_else(|| {
+                ExotelError::BadResponse("no Call.Sid in the connect response".into())
+            })?;
         Ok(ConnectedCall {
             sid: sid.to_owned(),
             status: call
@@ -186,9 +188,8 @@ impl ExotelClient {
             .query(&[("details", "true")])
             .basic_auth(&account.api_key, Some(account.api_token.expose_secret()));
         let body = self.send(req, "call_details").await?;
-        details_to_callback(&body).ok_or_else(|| {
-            ExotelError::BadResponse("call details without Call.Sid/Status".into())
-        })
+        details_to_callback(&body)
+            .ok_or_else(|| ExotelError::BadResponse("call details without Call.Sid/Status".into()))
     }
 
     /// `GET` a URL on Exotel with the account's credentials (recordings).
@@ -258,9 +259,7 @@ fn truncate(s: &str, n: usize) -> String {
 #[must_use]
 pub fn rest_exception_message(body: &str) -> String {
     if let Ok(v) = serde_json::from_str::<Value>(body)
-        && let Some(m) = v
-            .pointer("/RestException/Message")
-            .and_then(Value::as_str)
+        && let Some(m) = v.pointer("/RestException/Message").and_then(Value::as_str)
     {
         return m.to_owned();
     }
@@ -270,11 +269,7 @@ pub fn rest_exception_message(body: &str) -> String {
         return body[a + 9..b].to_owned();
     }
     let t = truncate(body.trim(), 200);
-    if t.is_empty() {
-        "no message".into()
-    } else {
-        t
-    }
+    if t.is_empty() { "no message".into() } else { t }
 }
 
 fn details_to_callback(body: &Value) -> Option<StatusCallback> {

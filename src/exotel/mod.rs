@@ -6,7 +6,7 @@ pub mod client;
 use chrono::{DateTime, FixedOffset, NaiveDateTime, TimeZone, Utc};
 
 pub use callback::{Leg, StatusCallback};
-pub use client::{ConnectParams, ConnectedCall, ExotelClient, ExotelError, ExotelAccount};
+pub use client::{ConnectParams, ConnectedCall, ExotelAccount, ExotelClient, ExotelError};
 
 /// Statuses after which a call never changes.
 pub const TERMINAL_STATUSES: &[&str] = &["completed", "failed", "busy", "no-answer", "canceled"];

@@ -87,11 +87,16 @@ async fn list_calls(
     let Query(page) = page?;
     let limit = page.limit.unwrap_or(50);
     if !(1..=200).contains(&limit) {
-        return Err(ApiError::validation("limit", "limit must be between 1 and 200"));
+        return Err(ApiError::validation(
+            "limit",
+            "limit must be between 1 and 200",
+        ));
     }
     let items = calls::list(&state.db, &t.id, page.before.as_deref(), limit).await?;
     let next = (items.len() as u64 == limit)
         .then(|| items.last().map(|c| c.id.clone()))
         .flatten();
-    Ok(Json(serde_json::json!({"items": items, "next_before": next})))
+    Ok(Json(
+        serde_json::json!({"items": items, "next_before": next}),
+    ))
 }

@@ -58,19 +58,21 @@ async fn status_callback(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let query: Vec<(String, String)> = query
-        .map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .map(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .into_owned()
+                .collect()
+        })
         .unwrap_or_default();
-    let (cb, raw) = parse_body(content_type, body, &query)
-        .await
-        .map_err(|e| {
-            count(&state, "malformed");
-            match e {
-                ParseError::ContentType(_) => ApiError::UnsupportedMediaType(format!(
-                    "{e}; send JSON, multipart/form-data or application/x-www-form-urlencoded"
-                )),
-                other => ApiError::BadRequest(format!("not a StatusCallback: {other}")),
-            }
-        })?;
+    let (cb, raw) = parse_body(content_type, body, &query).await.map_err(|e| {
+        count(&state, "malformed");
+        match e {
+            ParseError::ContentType(_) => ApiError::UnsupportedMediaType(format!(
+                "{e}; send JSON, multipart/form-data or application/x-www-form-urlencoded"
+            )),
+            other => ApiError::BadRequest(format!("not a StatusCallback: {other}")),
+        }
+    })?;
     let update = Update::from_callback(
         CallKey::TokenHash(crypto::token_hash(&token)),
         &cb,

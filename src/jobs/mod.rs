@@ -122,7 +122,12 @@ pub async fn claim(
 
 /// The delay before attempt `attempt + 1`.
 #[must_use]
-pub fn backoff(attempt: i32, base: Duration, max: Duration, retry_after: Option<Duration>) -> Duration {
+pub fn backoff(
+    attempt: i32,
+    base: Duration,
+    max: Duration,
+    retry_after: Option<Duration>,
+) -> Duration {
     if let Some(ra) = retry_after {
         // Honour the receiver, within sane bounds.
         return ra.clamp(Duration::from_secs(1), Duration::from_secs(24 * 3600));
@@ -210,7 +215,10 @@ pub async fn finish(
         ))
         .await?;
     } else {
-        tracing::warn!(job = job.id, "lost the lease before finishing; result discarded");
+        tracing::warn!(
+            job = job.id,
+            "lost the lease before finishing; result discarded"
+        );
     }
     txn.commit().await
 }
@@ -307,8 +315,10 @@ pub async fn run_worker(state: AppState, shutdown: CancellationToken) {
     // Let in-flight deliveries finish (bounded by the webhook timeout); unfinished leases
     // expire and the jobs are retried by the next process.
     let grace = Duration::from_secs(state.config.webhook_timeout_secs + 1);
-    let _ = tokio::time::timeout(grace, async { while running.join_next().await.is_some() {} })
-        .await;
+    let _ = tokio::time::timeout(grace, async {
+        while running.join_next().await.is_some() {}
+    })
+    .await;
 }
 
 /// Jobs by state, for `/metrics` and the API.

@@ -244,6 +244,9 @@ mod tests {
 
     #[test]
     fn access_tokens_never_print() {
-        assert_eq!(format!("{:?}", AccessToken("secret".into())), "AccessToken(***)");
+        assert_eq!(
+            format!("{:?}", AccessToken("secret".into())),
+            "AccessToken(***)"
+        );
     }
 }

@@ -173,7 +173,10 @@ mod tests {
     #[test]
     fn an_unanswered_agent_is_told_apart() {
         let legs = [leg(Party::Agent, "no-answer", 0)];
-        assert_eq!(Outcome::derive("no-answer", &legs, 0), Outcome::AgentNoAnswer);
+        assert_eq!(
+            Outcome::derive("no-answer", &legs, 0),
+            Outcome::AgentNoAnswer
+        );
     }
 
     #[test]

@@ -1,0 +1,396 @@
+//! The test harness: a real callbridge on a loopback port, on a fresh SQLite file or a fresh
+//! PostgreSQL database, with wiremock standing in for Exotel and for the tenant's webhook
+//! receiver. `both_backends!` turns one async test into a SQLite and a PostgreSQL variant.
+
+use std::{net::SocketAddr, time::Duration};
+
+use base64::Engine;
+use callbridge::{AppState, Application, config::Config, tenants};
+use sea_orm::{ConnectionTrait, Database};
+use serde_json::Value;
+use tokio::sync::OnceCell;
+use tokio_util::sync::CancellationToken;
+use wiremock::{Mock, MockServer, ResponseTemplate, matchers};
+
+/// Which database a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Generate `mod name { sqlite(), postgres() }` for each `async fn name(Backend)`.
+#[macro_export]
+macro_rules! both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn sqlite() {
+                    super::$name($crate::helpers::Backend::Sqlite).await
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn postgres() {
+                    super::$name($crate::helpers::Backend::Postgres).await
+                }
+            }
+        )*
+    };
+}
+
+/// The PostgreSQL server the suite uses (a database per test is created on it).
+pub fn pg_admin_url() -> String {
+    std::env::var("CALLBRIDGE_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+static PG_CLEANED: OnceCell<()> = OnceCell::const_new();
+
+/// A fresh PostgreSQL database; leftovers from earlier runs are dropped on first use.
+pub async fn fresh_pg_database() -> String {
+    let admin_url = pg_admin_url();
+    let admin = Database::connect(&admin_url)
+        .await
+        .expect("PostgreSQL must be running for the test suite (see README)");
+    PG_CLEANED
+        .get_or_init(|| async {
+            let rows = admin
+                .query_all_raw(sea_orm::Statement::from_string(
+                    sea_orm::DbBackend::Postgres,
+                    "SELECT datname FROM pg_database WHERE datname LIKE 'cbt\\_%' \
+                     AND (SELECT count(*) FROM pg_stat_activity a WHERE a.datname = pg_database.datname) = 0",
+                ))
+                .await
+                .unwrap_or_default();
+            for r in rows {
+                if let Ok(name) = r.try_get::<String>("", "datname") {
+                    let _ = admin
+                        .execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{name}\""))
+                        .await;
+                }
+            }
+        })
+        .await;
+    let name = format!("cbt_{}", uuid::Uuid::new_v4().simple());
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
+        .await
+        .expect("create test database");
+    let mut url = url::Url::parse(&admin_url).expect("admin url");
+    url.set_path(&format!("/{name}"));
+    url.to_string()
+}
+
+/// A running app plus its fakes.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub base: String,
+    pub state: AppState,
+    pub http: reqwest::Client,
+    pub exotel: MockServer,
+    pub receiver: MockServer,
+    pub config: Config,
+    pub backend: Backend,
+    shutdown: CancellationToken,
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    _dir: tempfile::TempDir,
+}
+
+/// A test tenant with its secrets.
+#[derive(Debug, Clone)]
+pub struct TestTenant {
+    pub id: String,
+    pub api_key: String,
+    pub webhook_secret: Option<String>,
+    pub created: tenants::CreatedTenant,
+}
+
+/// A config for tests: fixed master key, worker and reconciler off unless a test turns them on
+/// (tests drain the queue with `jobs::run_due` so nothing depends on timing), zero backoff.
+pub async fn test_config(backend: Backend, dir: &std::path::Path) -> Config {
+    let mut c = Config::default();
+    c.database_url = match backend {
+        Backend::Sqlite => format!("sqlite://{}?mode=rwc", dir.join("cb.db").display()),
+        Backend::Postgres => fresh_pg_database().await,
+    };
+    c.bind = "127.0.0.1:0".parse().unwrap();
+    c.master_key = Some(
+        base64::engine::general_purpose::STANDARD
+            .encode([42u8; 32])
+            .into(),
+    );
+    c.db_max_connections = 4;
+    c.worker_enabled = false;
+    c.reconcile_enabled = false;
+    c.job_backoff_base_secs = 0;
+    c.job_backoff_max_secs = 0;
+    c.job_max_attempts = 5;
+    c.webhook_timeout_secs = 5;
+    c.job_lease_secs = 30;
+    c.exotel_timeout_secs = 3;
+    c
+}
+
+impl TestApp {
+    /// Spawn with the default test config.
+    pub async fn spawn(backend: Backend) -> Self {
+        Self::spawn_with(backend, |_| {}).await
+    }
+
+    /// Spawn with a config tweak.
+    pub async fn spawn_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = test_config(backend, dir.path()).await;
+        tweak(&mut config);
+        let exotel = MockServer::start().await;
+        let receiver = MockServer::start().await;
+        Self::start(backend, config, exotel, receiver, dir).await
+    }
+
+    async fn start(
+        backend: Backend,
+        config: Config,
+        exotel: MockServer,
+        receiver: MockServer,
+        dir: tempfile::TempDir,
+    ) -> Self {
+        let app = Application::build(config.clone(), None)
+            .await
+            .expect("app builds");
+        let addr = app.local_addr().unwrap();
+        let state = app.state();
+        let shutdown = app.shutdown_token();
+        let server = tokio::spawn(app.run(false));
+        let mut config = config;
+        config.public_url = Some(format!("http://{addr}"));
+        Self {
+            addr,
+            base: format!("http://{addr}"),
+            state,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(20))
+                .build()
+                .unwrap(),
+            exotel,
+            receiver,
+            config,
+            backend,
+            shutdown,
+            server: Some(server),
+            _dir: dir,
+        }
+    }
+
+    /// Stop the server (as a restart or crash would) and start a new one on the same database,
+    /// with the same fakes.
+    pub async fn restart(mut self, tweak: impl FnOnce(&mut Config)) -> Self {
+        self.stop().await;
+        let mut config = self.config.clone();
+        config.public_url = None;
+        config.bind = "127.0.0.1:0".parse().unwrap();
+        tweak(&mut config);
+        let TestApp {
+            exotel,
+            receiver,
+            _dir,
+            backend,
+            ..
+        } = self;
+        Self::start(backend, config, exotel, receiver, _dir).await
+    }
+
+    /// Stop serving and wait for the background tasks.
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(h) = self.server.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(20), h).await;
+        }
+    }
+
+    /// Create a tenant whose Exotel base is the fake; with a webhook pointing at the receiver.
+    pub async fn tenant(&self, webhook: bool) -> TestTenant {
+        let created = tenants::create(
+            &self.state.db,
+            &self.state.sealer,
+            &self.state.public_base,
+            "IN",
+            tenants::NewTenant {
+                name: "Acme".into(),
+                exotel_sid: "acme1".into(),
+                exotel_api_key: "key123".into(),
+                exotel_api_token: "token456".into(),
+                exotel_api_base: Some(self.exotel.uri()),
+                caller_id: Some("+918047112233".into()),
+                webhook_url: webhook.then(|| format!("{}/hook", self.receiver.uri())),
+                default_region: None,
+            },
+        )
+        .await
+        .expect("tenant created");
+        TestTenant {
+            id: created.tenant_id.clone(),
+            api_key: created.api_key.clone(),
+            webhook_secret: created.webhook_secret.clone(),
+            created,
+        }
+    }
+
+    /// Make the fake Exotel accept connects, answering with `sid`.
+    pub async fn exotel_accepts(&self, sid: &str) {
+        Mock::given(matchers::method("POST"))
+            .and(matchers::path_regex(r"^/v1/Accounts/[^/]+/Calls/connect\.json$"))
+            .respond_with(ResponseTemplate::new(200).set_body_json(serde_json::json!({
+                "Call": {"Sid": sid, "ParentCallSid": null, "DateCreated": "2026-11-26 10:00:00",
+                         "DateUpdated": "2026-11-26 10:00:00", "AccountSid": "acme1",
+                         "To": "09812345678", "From": "09876543210", "PhoneNumberSid": "08047112233",
+                         "Status": "in-progress", "StartTime": "2026-11-26 10:00:00", "EndTime": null,
+                         "Duration": null, "Price": null, "Direction": "outbound-api",
+                         "AnsweredBy": null, "ForwardedFrom": null, "CallerName": null,
+                         "Uri": format!("/v1/Accounts/acme1/Calls/{sid}.json"), "RecordingUrl": null}
+            })))
+            .mount(&self.exotel)
+            .await;
+    }
+
+    /// Make the receiver answer `status` to every delivery.
+    pub async fn receiver_answers(&self, status: u16) {
+        Mock::given(matchers::method("POST"))
+            .and(matchers::path("/hook"))
+            .respond_with(ResponseTemplate::new(status))
+            .mount(&self.receiver)
+            .await;
+    }
+
+    /// POST a JSON body to the API with a bearer key.
+    pub async fn post_call(&self, key: &str, body: Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}/api/v1/calls", self.base))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// GET an API path with a bearer key.
+    pub async fn get(&self, key: &str, path: &str) -> reqwest::Response {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// The form fields of every `Calls/connect` the fake Exotel received, in order.
+    pub async fn connect_requests(&self) -> Vec<Vec<(String, String)>> {
+        self.exotel
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| r.url.path().ends_with("/Calls/connect.json"))
+            .map(|r| url::form_urlencoded::parse(&r.body).into_owned().collect())
+            .collect()
+    }
+
+    /// The StatusCallback URL handed to Exotel in the latest connect.
+    pub async fn last_status_callback(&self) -> String {
+        let reqs = self.connect_requests().await;
+        let form = reqs.last().expect("a connect was sent");
+        form.iter()
+            .find(|(k, _)| k == "StatusCallback")
+            .map(|(_, v)| v.clone())
+            .expect("StatusCallback sent")
+    }
+
+    /// Place a call through the API and return (call id, StatusCallback URL).
+    pub async fn place_call(&self, t: &TestTenant, to: &str) -> (String, String) {
+        let r = self
+            .post_call(
+                &t.api_key,
+                serde_json::json!({"from": "+919876543210", "to": to}),
+            )
+            .await;
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
+        let body: Value = r.json().await.unwrap();
+        let id = body["id"].as_str().unwrap().to_owned();
+        (id, self.last_status_callback().await)
+    }
+
+    /// POST a callback body with a content type.
+    pub async fn callback(
+        &self,
+        url: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::Response {
+        self.http
+            .post(url)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Run every due job now; returns how many ran.
+    pub async fn drain_jobs(&self) -> usize {
+        callbridge::jobs::run_due(&self.state).await.unwrap()
+    }
+
+    /// The deliveries the receiver got, as (headers, JSON body).
+    pub async fn deliveries(&self) -> Vec<(wiremock::http::HeaderMap, Value)> {
+        self.receiver
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| r.url.path() == "/hook")
+            .map(|r| {
+                (
+                    r.headers.clone(),
+                    serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+                )
+            })
+            .collect()
+    }
+
+    /// Count rows in a table (whole database).
+    pub async fn count(&self, table: &str) -> i64 {
+        let row = self
+            .state
+            .db
+            .query_one_raw(sea_orm::Statement::from_string(
+                self.state.db.get_database_backend(),
+                format!("SELECT COUNT(*) AS n FROM {table}"),
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        row.try_get("", "n").unwrap()
+    }
+}
+
+/// The terminal callback from Exotel's masking guide, for `sid`.
+pub fn guide_callback(sid: &str) -> Value {
+    serde_json::json!({
+      "CallSid": sid,
+      "EventType": "terminal",
+      "DateCreated": "2019-04-08 03:17:59",
+      "DateUpdated": "2019-04-08 03:18:35",
+      "Status": "completed",
+      "To": "+91886799XXXX",
+      "From": "+91941374XXXX",
+      "PhoneNumberSid": "0113083XXXX",
+      "StartTime": "2019-04-08 03:17:59",
+      "EndTime": "2019-04-08 03:18:36",
+      "Direction": "outbound-api",
+      "RecordingUrl": "https://s3-ap-southeast-1.amazonaws.com/exotelrecordings/acme1/xxdewfcwsdw.mp3",
+      "ConversationDuration": 32,
+      "Legs": [
+        {"OnCallDuration": 41, "Status": "completed"},
+        {"OnCallDuration": 32, "Status": "completed"}
+      ]
+    })
+}

@@ -1,0 +1,7 @@
+#![allow(unreachable_pub, dead_code)]
+
+//! End-to-end tests of the host over HTTP against fake Exotel and fake receivers on loopback.
+//! Every scenario runs on SQLite and on PostgreSQL (`both_backends!`).
+
+mod helpers;
+mod smoke;
