@@ -1,10 +1,11 @@
-//! The command line: `serve`, `demo`, `migrate`, `tenant create`, `agent add`. Output meant for
-//! scripts goes to stdout as one JSON object; logs go to stderr.
+//! The command line: `serve`, `demo`, `migrate`, `tenant create`, `agent add`, `numbers add`.
+//! Output meant for scripts goes to stdout as one JSON object; logs go to stderr.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use sea_orm::EntityTrait;
 
 use crate::{Application, config::Config, db, telemetry, tenants};
 
@@ -39,6 +40,27 @@ pub enum Command {
     /// Manage agents.
     #[command(subcommand)]
     Agent(AgentCmd),
+    /// Manage a tenant's virtual-number pool (number masking).
+    #[command(subcommand)]
+    Numbers(NumbersCmd),
+}
+
+/// `numbers …`
+#[derive(Debug, Subcommand)]
+pub enum NumbersCmd {
+    /// Add virtual numbers (ExoPhones) to a tenant's masking pool; existing ones are kept.
+    Add(NumbersAdd),
+}
+
+/// `numbers add` arguments.
+#[derive(Debug, Args)]
+pub struct NumbersAdd {
+    /// Tenant id.
+    #[arg(long)]
+    pub tenant: String,
+    /// The numbers, E.164 or national in the tenant's region.
+    #[arg(required = true)]
+    pub numbers: Vec<String>,
 }
 
 /// `tenant …`
@@ -161,6 +183,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 "{}",
                 serde_json::json!({"agent_id": agent.id, "tenant_id": agent.tenant_id,
                                    "phone": agent.phone, "name": agent.name})
+            );
+            Ok(())
+        }
+        Command::Numbers(NumbersCmd::Add(a)) => {
+            let db = db::connect(&config).await?;
+            db::migrate(&db).await?;
+            let tenant = crate::entities::tenant::Entity::find_by_id(a.tenant.clone())
+                .one(&db)
+                .await?
+                .with_context(|| format!("no tenant {}", a.tenant))?;
+            let numbers = crate::masking::normalise_numbers(&a.numbers, &tenant.default_region)
+                .map_err(anyhow::Error::msg)?;
+            let added = crate::masking::add_numbers(&db, &tenant.id, &numbers)
+                .await
+                .context("adding the numbers")?;
+            let (new, existing): (Vec<_>, Vec<_>) = added.into_iter().partition(|(_, n)| *n);
+            println!(
+                "{}",
+                serde_json::json!({
+                    "tenant_id": tenant.id,
+                    "added": new.into_iter().map(|(n, _)| n).collect::<Vec<_>>(),
+                    "already_in_pool": existing.into_iter().map(|(n, _)| n).collect::<Vec<_>>(),
+                })
             );
             Ok(())
         }

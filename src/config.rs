@@ -71,6 +71,28 @@ pub struct Config {
     pub reconcile_max_attempts: i32,
     /// `pretty` or `json`.
     pub log_format: String,
+    /// Masking: session TTL in seconds when a create does not give one.
+    pub masking_default_ttl_secs: u64,
+    /// Masking: the longest session TTL (and extension) accepted, in seconds.
+    pub masking_max_ttl_secs: u64,
+    /// Masking: seconds before a released virtual number is handed to the same participant again.
+    pub masking_cooloff_secs: u64,
+    /// Masking: digits in a generated PIN (4 to 6).
+    pub masking_pin_length: u32,
+    /// Masking: how far back (seconds) the reverse call flow looks for a click-to-call to the
+    /// caller from the dialled virtual number (0 = reverse flow off).
+    pub masking_reverse_window_secs: u64,
+    /// Masking: the number dial-whom answers, `national` (`0XXXXXXXXXX`, what Exotel dials) or
+    /// `e164`; a tenant may override it.
+    pub masking_dial_format: String,
+    /// Masking: in PIN mode, only route a caller who is the PIN's owner; a tenant may override it.
+    pub masking_pin_caller_check: bool,
+    /// Masking: seconds between sweeps that close expired sessions and release their numbers
+    /// (0 = no sweep; expired sessions still stop routing and are released lazily).
+    pub masking_sweep_interval_secs: u64,
+    /// Sync Passthru: status answered for an unanswered call (200 = branch A, 302 = branch B);
+    /// answered calls always get 200. A tenant may override it.
+    pub passthru_branch_on_unanswered: u16,
 }
 
 impl Default for Config {
@@ -103,6 +125,15 @@ impl Default for Config {
             reconcile_per_minute: 60,
             reconcile_max_attempts: 10,
             log_format: "pretty".into(),
+            masking_default_ttl_secs: 86_400,
+            masking_max_ttl_secs: 30 * 86_400,
+            masking_cooloff_secs: 3_600,
+            masking_pin_length: 4,
+            masking_reverse_window_secs: 7 * 86_400,
+            masking_dial_format: "national".into(),
+            masking_pin_caller_check: false,
+            masking_sweep_interval_secs: 60,
+            passthru_branch_on_unanswered: 200,
         }
     }
 }
@@ -168,6 +199,23 @@ impl Config {
         }
         if self.job_lease_secs <= self.webhook_timeout_secs {
             bail!("CALLBRIDGE_JOB_LEASE_SECS must exceed CALLBRIDGE_WEBHOOK_TIMEOUT_SECS");
+        }
+        if !matches!(self.masking_dial_format.as_str(), "national" | "e164") {
+            bail!("CALLBRIDGE_MASKING_DIAL_FORMAT must be national or e164");
+        }
+        if !(4..=6).contains(&self.masking_pin_length) {
+            bail!("CALLBRIDGE_MASKING_PIN_LENGTH must be 4, 5 or 6");
+        }
+        if self.masking_max_ttl_secs < 60
+            || !(60..=self.masking_max_ttl_secs).contains(&self.masking_default_ttl_secs)
+        {
+            bail!(
+                "CALLBRIDGE_MASKING_DEFAULT_TTL_SECS must be between 60 and \
+                 CALLBRIDGE_MASKING_MAX_TTL_SECS"
+            );
+        }
+        if !matches!(self.passthru_branch_on_unanswered, 200 | 302) {
+            bail!("CALLBRIDGE_PASSTHRU_BRANCH_ON_UNANSWERED must be 200 or 302");
         }
         if let Some(key) = &self.master_key {
             crate::crypto::Sealer::from_base64(key.expose_secret())

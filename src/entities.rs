@@ -176,3 +176,6 @@ pub mod job_attempt {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+/// Number masking: pool, sessions, participants, settings.
+pub mod masking;

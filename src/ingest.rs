@@ -397,7 +397,7 @@ async fn apply_one(
 
 /// Insert one delivery job per sink of each finished call (the tenant webhook today; CRM
 /// installations plug in here). `dedupe_key` makes a second enqueue a no-op.
-async fn enqueue_deliveries(
+pub(crate) async fn enqueue_deliveries(
     txn: &DatabaseTransaction,
     backend: DbBackend,
     finished: &[(String, String)],

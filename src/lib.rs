@@ -22,6 +22,7 @@ pub mod exotel;
 pub mod http;
 pub mod ingest;
 pub mod jobs;
+pub mod masking;
 pub mod metrics;
 pub mod phone;
 pub mod reconcile;
@@ -282,6 +283,9 @@ impl Application {
         }
         if state.config.reconcile_enabled {
             tasks.spawn(reconcile::run(state.clone(), shutdown.clone()));
+        }
+        if state.config.masking_sweep_interval_secs > 0 {
+            tasks.spawn(masking::run_sweeper(state.clone(), shutdown.clone()));
         }
         let app = http::router(state.clone());
         tracing::info!(addr = %listener.local_addr()?, public = %state.public_base, "callbridge listening");

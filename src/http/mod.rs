@@ -3,8 +3,10 @@
 //! gets a logged 500 with a request id, and tracing wraps everything.
 
 mod api;
+mod flow;
 mod health;
 mod hooks;
+mod sessions;
 
 use std::time::Duration;
 
@@ -24,6 +26,8 @@ pub fn router(state: AppState) -> Router {
     let mut app = Router::new()
         .merge(api::router(&state))
         .merge(hooks::router(&state))
+        .merge(flow::router())
+        .merge(sessions::router())
         .merge(health::router());
     if state.demo.is_some() {
         app = app.merge(crate::demo::router());
