@@ -71,6 +71,15 @@ pub struct Config {
     pub reconcile_max_attempts: i32,
     /// `pretty` or `json`.
     pub log_format: String,
+    /// Admin console: seconds of inactivity after which a session ends.
+    pub admin_session_idle_secs: u64,
+    /// Admin console: seconds after login at which a session ends regardless of activity.
+    pub admin_session_max_secs: u64,
+    /// Admin console: failed logins per email inside `admin_login_window_secs` before that email
+    /// is refused for the rest of the window (one client IP gets four times as many).
+    pub admin_login_max_failures: i32,
+    /// Admin console: length of the login-failure window, in seconds.
+    pub admin_login_window_secs: u64,
 }
 
 impl Default for Config {
@@ -103,6 +112,10 @@ impl Default for Config {
             reconcile_per_minute: 60,
             reconcile_max_attempts: 10,
             log_format: "pretty".into(),
+            admin_session_idle_secs: 2 * 3600,
+            admin_session_max_secs: 12 * 3600,
+            admin_login_max_failures: 5,
+            admin_login_window_secs: 15 * 60,
         }
     }
 }
@@ -168,6 +181,17 @@ impl Config {
         }
         if self.job_lease_secs <= self.webhook_timeout_secs {
             bail!("CALLBRIDGE_JOB_LEASE_SECS must exceed CALLBRIDGE_WEBHOOK_TIMEOUT_SECS");
+        }
+        if self.admin_session_idle_secs == 0
+            || self.admin_session_max_secs < self.admin_session_idle_secs
+        {
+            bail!(
+                "CALLBRIDGE_ADMIN_SESSION_IDLE_SECS must be positive and at most \
+                 CALLBRIDGE_ADMIN_SESSION_MAX_SECS"
+            );
+        }
+        if self.admin_login_max_failures < 1 || self.admin_login_window_secs == 0 {
+            bail!("CALLBRIDGE_ADMIN_LOGIN_MAX_FAILURES and _WINDOW_SECS must be positive");
         }
         if let Some(key) = &self.master_key {
             crate::crypto::Sealer::from_base64(key.expose_secret())

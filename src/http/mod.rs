@@ -24,7 +24,8 @@ pub fn router(state: AppState) -> Router {
     let mut app = Router::new()
         .merge(api::router(&state))
         .merge(hooks::router(&state))
-        .merge(health::router());
+        .merge(health::router())
+        .merge(crate::admin::router(&state));
     if state.demo.is_some() {
         app = app.merge(crate::demo::router());
     }

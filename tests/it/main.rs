@@ -3,5 +3,7 @@
 //! End-to-end tests of the host over HTTP against fake Exotel and fake receivers on loopback.
 //! Every scenario runs on SQLite and on PostgreSQL (`both_backends!`).
 
+mod admin;
+mod browser;
 mod helpers;
 mod smoke;
