@@ -221,8 +221,8 @@ fn read_password(from_stdin: bool) -> anyhow::Result<String> {
     } else {
         let first = rpassword::prompt_password("Password (at least 12 characters): ")
             .context("reading the password")?;
-        let second = rpassword::prompt_password("Repeat the password: ")
-            .context("reading the password")?;
+        let second =
+            rpassword::prompt_password("Repeat the password: ").context("reading the password")?;
         if first != second {
             anyhow::bail!("the two passwords differ");
         }

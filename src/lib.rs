@@ -293,8 +293,8 @@ impl Application {
             app.into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown(async move { s.cancelled().await })
-            .await
-            .context("HTTP server")?;
+        .await
+        .context("HTTP server")?;
         shutdown.cancel();
         while tasks.join_next().await.is_some() {}
         // Every accepted callback was answered after its commit; this only waits for the

@@ -132,7 +132,15 @@ pub(super) async fn list(
         Some("removed") => Some("Agent removed."),
         _ => None,
     };
-    render_list(&state, &session, StatusCode::OK, AgentForm::default(), Vec::new(), notice).await
+    render_list(
+        &state,
+        &session,
+        StatusCode::OK,
+        AgentForm::default(),
+        Vec::new(),
+        notice,
+    )
+    .await
 }
 
 pub(super) async fn add(
@@ -143,8 +151,15 @@ pub(super) async fn add(
     let Form(f) = form.map_err(|e| AdminError::BadRequest(e.body_text()))?;
     let name = f.name.trim();
     if name.len() > 200 {
-        return render_list(&state, &session, StatusCode::UNPROCESSABLE_ENTITY, f.clone(),
-            vec!["Name must be at most 200 characters".into()], None).await;
+        return render_list(
+            &state,
+            &session,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            f.clone(),
+            vec!["Name must be at most 200 characters".into()],
+            None,
+        )
+        .await;
     }
     let result = tenants::add_agent(
         &state.db,
@@ -162,9 +177,19 @@ pub(super) async fn add(
             Ok(Redirect::to("/admin/agents?notice=added").into_response())
         }
         Err(e) => {
-            let msg = e.to_string().replace("--phone ", "Phone: ").replace("--crm-user", "CRM user");
-            render_list(&state, &session, StatusCode::UNPROCESSABLE_ENTITY, f, vec![msg], None)
-                .await
+            let msg = e
+                .to_string()
+                .replace("--phone ", "Phone: ")
+                .replace("--crm-user", "CRM user");
+            render_list(
+                &state,
+                &session,
+                StatusCode::UNPROCESSABLE_ENTITY,
+                f,
+                vec![msg],
+                None,
+            )
+            .await
         }
     }
 }
@@ -214,7 +239,9 @@ fn parse_mappings(lines: &[String]) -> Result<Vec<(String, String)>, String> {
             let connector = connector.trim().to_ascii_lowercase();
             if connector.is_empty()
                 || user.trim().is_empty()
-                || !connector.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                || !connector
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
             {
                 return Err(bad());
             }
@@ -347,7 +374,9 @@ pub(super) async fn remove(
         .await?;
     if r.rows_affected() == 0 {
         txn.rollback().await?;
-        return Err(AdminError::NotFound(format!("No agent {id} in this account.")));
+        return Err(AdminError::NotFound(format!(
+            "No agent {id} in this account."
+        )));
     }
     txn.commit().await?;
     tracing::info!(agent = %id, admin = %session.admin_user_id, "agent removed");

@@ -13,6 +13,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use askama::Template;
 use axum::{
     Form,
     body::Body,
@@ -21,7 +22,6 @@ use axum::{
     middleware::Next,
     response::{IntoResponse, Redirect, Response},
 };
-use askama::Template;
 use cookie::{Cookie, SameSite};
 use sea_orm::{ConnectionTrait, DbErr};
 use serde::Deserialize;
@@ -130,7 +130,8 @@ fn clear_cookie(state: &AppState, name: &str) -> HeaderValue {
 /// # Errors
 /// Database failure.
 pub async fn load(state: &AppState, headers: &HeaderMap) -> Result<Option<AdminSession>, DbErr> {
-    let Some(token) = cookie_value(headers, SESSION_COOKIE).filter(|t| (16..=128).contains(&t.len()))
+    let Some(token) =
+        cookie_value(headers, SESSION_COOKIE).filter(|t| (16..=128).contains(&t.len()))
     else {
         return Ok(None);
     };
@@ -368,9 +369,10 @@ pub(super) async fn login_submit(
     let user = users::by_email(&state.db, &email).await?;
     let hash = user.as_ref().map(|u| u.password_hash.clone());
     let password = f.password;
-    let ok = tokio::task::spawn_blocking(move || users::verify_password(&password, hash.as_deref()))
-        .await
-        .map_err(|e| AdminError::Internal(anyhow::anyhow!("password check: {e}")))?;
+    let ok =
+        tokio::task::spawn_blocking(move || users::verify_password(&password, hash.as_deref()))
+            .await
+            .map_err(|e| AdminError::Internal(anyhow::anyhow!("password check: {e}")))?;
     let Some(user) = user.filter(|_| ok) else {
         record_failure(&state, &keys).await?;
         tracing::info!(ip = ?ip, "admin sign-in failed");
@@ -539,8 +541,17 @@ mod tests {
 
     #[test]
     fn next_stays_on_admin_pages() {
-        assert_eq!(safe_next(Some("/admin/calls?status=busy")), "/admin/calls?status=busy");
-        for bad in ["https://evil.example", "//evil.example", "/other", "/admin/login", "/admin\\x"] {
+        assert_eq!(
+            safe_next(Some("/admin/calls?status=busy")),
+            "/admin/calls?status=busy"
+        );
+        for bad in [
+            "https://evil.example",
+            "//evil.example",
+            "/other",
+            "/admin/login",
+            "/admin\\x",
+        ] {
             assert_eq!(safe_next(Some(bad)), "/admin", "{bad}");
         }
         assert_eq!(safe_next(None), "/admin");

@@ -131,7 +131,8 @@ pub(super) async fn list(
 ) -> Result<impl IntoResponse, AdminError> {
     let Query(filter) = q.map_err(|e| AdminError::BadRequest(e.body_text()))?;
     let mut errors = Vec::new();
-    let mut query = call::Entity::find().filter(call::Column::TenantId.eq(session.tenant_id.as_str()));
+    let mut query =
+        call::Entity::find().filter(call::Column::TenantId.eq(session.tenant_id.as_str()));
     if !filter.status.is_empty() {
         if STATUSES.contains(&filter.status.as_str()) {
             query = query.filter(call::Column::Status.eq(filter.status.as_str()));

@@ -104,7 +104,9 @@ pub(super) async fn retry(
         ))
         .await?;
     if r.rows_affected() == 0 {
-        return Err(AdminError::NotFound(format!("No dead job {id} in this account.")));
+        return Err(AdminError::NotFound(format!(
+            "No dead job {id} in this account."
+        )));
     }
     state.jobs_ready.notify_one();
     tracing::info!(job = id, admin = %session.admin_user_id, "dead letter retried");
@@ -131,7 +133,9 @@ pub(super) async fn discard(
         ))
         .await?;
     if r.rows_affected() == 0 {
-        return Err(AdminError::NotFound(format!("No dead job {id} in this account.")));
+        return Err(AdminError::NotFound(format!(
+            "No dead job {id} in this account."
+        )));
     }
     tracing::info!(job = id, admin = %session.admin_user_id, "dead letter discarded");
     Ok(Redirect::to("/admin/dead-letters?notice=discarded"))

@@ -39,19 +39,34 @@ pub fn router(state: &AppState) -> Router<AppState> {
         .route("/admin/", get(dashboard::page))
         .route("/admin/logout", post(auth::logout))
         .route("/admin/settings", get(settings::page).post(settings::save))
-        .route("/admin/settings/test-connection", post(settings::test_connection))
-        .route("/admin/settings/rotate-webhook-secret", post(settings::rotate_webhook_secret))
+        .route(
+            "/admin/settings/test-connection",
+            post(settings::test_connection),
+        )
+        .route(
+            "/admin/settings/rotate-webhook-secret",
+            post(settings::rotate_webhook_secret),
+        )
         .route("/admin/calls", get(calls::list))
         .route("/admin/calls/{id}", get(calls::timeline))
         .route("/admin/dead-letters", get(dead_letters::list))
         .route("/admin/dead-letters/{id}/retry", post(dead_letters::retry))
-        .route("/admin/dead-letters/{id}/discard", post(dead_letters::discard))
+        .route(
+            "/admin/dead-letters/{id}/discard",
+            post(dead_letters::discard),
+        )
         .route("/admin/agents", get(agents::list).post(agents::add))
-        .route("/admin/agents/{id}", get(agents::edit_form).post(agents::update))
+        .route(
+            "/admin/agents/{id}",
+            get(agents::edit_form).post(agents::update),
+        )
         .route("/admin/agents/{id}/delete", post(agents::remove))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::guard));
     Router::new()
-        .route("/admin/login", get(auth::login_form).post(auth::login_submit))
+        .route(
+            "/admin/login",
+            get(auth::login_form).post(auth::login_submit),
+        )
         .merge(guarded)
         .layer(axum::extract::DefaultBodyLimit::max(csrf::BODY_LIMIT))
 }
@@ -70,13 +85,33 @@ pub struct NavItem {
 /// The navigation bar, in order. Pages added by other areas (Connectors; Virtual numbers /
 /// Sessions) add their entry here.
 pub const NAV: &[NavItem] = &[
-    NavItem { key: "home", href: "/admin", label: "Home" },
-    NavItem { key: "calls", href: "/admin/calls", label: "Calls" },
-    NavItem { key: "dead-letters", href: "/admin/dead-letters", label: "Dead letters" },
-    NavItem { key: "agents", href: "/admin/agents", label: "Agents" },
+    NavItem {
+        key: "home",
+        href: "/admin",
+        label: "Home",
+    },
+    NavItem {
+        key: "calls",
+        href: "/admin/calls",
+        label: "Calls",
+    },
+    NavItem {
+        key: "dead-letters",
+        href: "/admin/dead-letters",
+        label: "Dead letters",
+    },
+    NavItem {
+        key: "agents",
+        href: "/admin/agents",
+        label: "Agents",
+    },
     // Connectors (OAuth installs) goes here.
     // Virtual numbers / Sessions (masking) goes here.
-    NavItem { key: "settings", href: "/admin/settings", label: "Settings" },
+    NavItem {
+        key: "settings",
+        href: "/admin/settings",
+        label: "Settings",
+    },
 ];
 
 /// What the layout (`templates/admin/base.html`) shows on every signed-in page.
@@ -211,7 +246,11 @@ impl IntoResponse for AdminError {
 #[must_use]
 pub fn fmt_ms(ms: i64, offset: FixedOffset) -> String {
     DateTime::from_timestamp_millis(ms)
-        .map(|t| t.with_timezone(&offset).format("%Y-%m-%d %H:%M:%S").to_string())
+        .map(|t| {
+            t.with_timezone(&offset)
+                .format("%Y-%m-%d %H:%M:%S")
+                .to_string()
+        })
         .unwrap_or_default()
 }
 

@@ -17,9 +17,7 @@ use sea_orm::{ActiveModelTrait, EntityTrait, IntoActiveModel, Set};
 use serde::Deserialize;
 
 use super::{AdminError, AdminSession, Chrome, HtmlTemplate, masked};
-use crate::{
-    AppState, crypto, db, entities::tenant, exotel::ExotelError, phone, tenants,
-};
+use crate::{AppState, crypto, db, entities::tenant, exotel::ExotelError, phone, tenants};
 
 /// Exotel's Singapore cluster.
 pub const API_BASE_SG: &str = "https://api.exotel.com";
@@ -101,7 +99,10 @@ struct SettingsPage {
     api_base_in: &'static str,
 }
 
-async fn load_tenant(state: &AppState, session: &AdminSession) -> Result<tenant::Model, AdminError> {
+async fn load_tenant(
+    state: &AppState,
+    session: &AdminSession,
+) -> Result<tenant::Model, AdminError> {
     tenant::Entity::find_by_id(session.tenant_id.clone())
         .one(&state.db)
         .await?
@@ -109,10 +110,10 @@ async fn load_tenant(state: &AppState, session: &AdminSession) -> Result<tenant:
 }
 
 fn token_hint(state: &AppState, t: &tenant::Model) -> String {
-    state
-        .sealer
-        .open(&t.exotel_api_token_sealed)
-        .map_or_else(|_| "(cannot be opened with this master key)".to_owned(), |s| masked(&s))
+    state.sealer.open(&t.exotel_api_token_sealed).map_or_else(
+        |_| "(cannot be opened with this master key)".to_owned(),
+        |s| masked(&s),
+    )
 }
 
 fn secret_hint(state: &AppState, t: &tenant::Model) -> Option<String> {
@@ -211,7 +212,9 @@ fn optional_int(errors: &mut Vec<String>, what: &str, v: &str, max: i32) -> Opti
     match v.parse::<i32>() {
         Ok(n) if (1..=max).contains(&n) => Some(n),
         _ => {
-            errors.push(format!("{what} must be a whole number of seconds from 1 to {max}"));
+            errors.push(format!(
+                "{what} must be a whole number of seconds from 1 to {max}"
+            ));
             None
         }
     }
@@ -327,8 +330,8 @@ pub(super) async fn save(
         }
     };
     // A webhook URL without a secret gets one now (shown once below); clearing the URL drops it.
-    let new_secret = (v.webhook_url.is_some() && t.webhook_secret_sealed.is_none())
-        .then(crypto::webhook_secret);
+    let new_secret =
+        (v.webhook_url.is_some() && t.webhook_secret_sealed.is_none()).then(crypto::webhook_secret);
     let mut am = t.clone().into_active_model();
     am.name = Set(v.name);
     am.exotel_sid = Set(v.sid);
@@ -404,7 +407,9 @@ pub(super) async fn rotate_webhook_secret(
         PageParts {
             form: None,
             errors: Vec::new(),
-            notice: Some("New webhook secret generated. Deliveries are signed with it from now on."),
+            notice: Some(
+                "New webhook secret generated. Deliveries are signed with it from now on.",
+            ),
             new_webhook_secret: Some(secret),
             test: None,
         },

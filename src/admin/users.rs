@@ -79,9 +79,8 @@ pub fn hash_password(password: &str) -> anyhow::Result<String> {
 
 /// A hash of a random password, verified against when the email is unknown so that an
 /// unknown email costs the same time as a wrong password.
-static DUMMY_HASH: LazyLock<String> = LazyLock::new(|| {
-    hash_password(&crate::crypto::random_token("", 24)).unwrap_or_default()
-});
+static DUMMY_HASH: LazyLock<String> =
+    LazyLock::new(|| hash_password(&crate::crypto::random_token("", 24)).unwrap_or_default());
 
 /// Whether `password` matches `phc` (or, with `None`, spend the same effort and answer no).
 /// CPU-heavy: call from a blocking thread in async code.

@@ -159,7 +159,9 @@ async fn login_succeeds_only_with_the_right_password(backend: Backend) {
     callbridge::admin::users::create(&app.state.db, &t.id, "Ops@Acme.example", PASSWORD)
         .await
         .unwrap();
-    let stored = scalar(&app, "SELECT password_hash FROM admin_users").await.unwrap();
+    let stored = scalar(&app, "SELECT password_hash FROM admin_users")
+        .await
+        .unwrap();
     assert!(stored.starts_with("$argon2id$"), "{stored}");
     assert!(!stored.contains(PASSWORD));
 
@@ -173,7 +175,10 @@ async fn login_succeeds_only_with_the_right_password(backend: Backend) {
         assert!(r.text().await.unwrap().contains("Wrong email or password."));
     }
     assert_eq!(app.count("admin_sessions").await, 0);
-    assert_eq!(location(&b.get("/admin").await), "/admin/login?next=%2Fadmin");
+    assert_eq!(
+        location(&b.get("/admin").await),
+        "/admin/login?next=%2Fadmin"
+    );
 
     // Emails are matched case-insensitively; the cookie is HttpOnly, SameSite=Lax, not Secure
     // over http.
@@ -187,17 +192,27 @@ async fn login_succeeds_only_with_the_right_password(backend: Backend) {
         .map(|v| v.to_str().unwrap().to_owned())
         .find(|c| c.starts_with("cb_admin="))
         .expect("session cookie");
-    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax"), "{cookie}");
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax"),
+        "{cookie}"
+    );
     assert!(!cookie.contains("Secure"), "{cookie}");
-    let token = cookie.split(';').next().unwrap().trim_start_matches("cb_admin=");
+    let token = cookie
+        .split(';')
+        .next()
+        .unwrap()
+        .trim_start_matches("cb_admin=");
     assert!(token.len() >= 43, "256-bit session id");
     let stored = scalar(&app, "SELECT id FROM admin_sessions").await.unwrap();
     assert_ne!(stored, token, "only the hash is stored");
     assert!(b.page("/admin").await.contains("Acme"));
     assert!(
-        scalar(&app, "SELECT email FROM admin_users WHERE last_login_at IS NOT NULL")
-            .await
-            .is_some()
+        scalar(
+            &app,
+            "SELECT email FROM admin_users WHERE last_login_at IS NOT NULL"
+        )
+        .await
+        .is_some()
     );
 
     // A login POST without the login form's token writes nothing.
@@ -271,11 +286,17 @@ async fn pages_require_a_session(backend: Backend) {
     ] {
         let r = b.get(path).await;
         assert_eq!(r.status(), StatusCode::SEE_OTHER, "{path}");
-        assert!(location(&r).starts_with("/admin/login?next=%2Fadmin"), "{path}");
+        assert!(
+            location(&r).starts_with("/admin/login?next=%2Fadmin"),
+            "{path}"
+        );
     }
     // A POST without a session redirects and writes nothing.
     let r = b
-        .post_raw("/admin/agents", &[("phone", "+919876543210"), ("csrf_token", "x")])
+        .post_raw(
+            "/admin/agents",
+            &[("phone", "+919876543210"), ("csrf_token", "x")],
+        )
         .await;
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
     assert_eq!(location(&r), "/admin/login");
@@ -284,11 +305,17 @@ async fn pages_require_a_session(backend: Backend) {
     let r = app
         .http
         .get(format!("{}/admin", app.base))
-        .header(header::COOKIE, "cb_admin=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")
+        .header(
+            header::COOKIE,
+            "cb_admin=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        )
         .send()
         .await
         .unwrap();
-    assert!(r.url().path().starts_with("/admin/login"), "followed to the login page");
+    assert!(
+        r.url().path().starts_with("/admin/login"),
+        "followed to the login page"
+    );
     let _ = t;
 }
 
@@ -337,7 +364,14 @@ async fn logout_ends_the_session(backend: Backend) {
         .unwrap();
     assert!(r.url().path().starts_with("/admin/login"));
     assert_eq!(app.count("admin_sessions").await, 0);
-    assert!(with_stolen("/admin").await.unwrap().url().path().starts_with("/admin/login"));
+    assert!(
+        with_stolen("/admin")
+            .await
+            .unwrap()
+            .url()
+            .path()
+            .starts_with("/admin/login")
+    );
 }
 
 async fn writes_without_the_csrf_token_are_refused(backend: Backend) {
@@ -352,7 +386,12 @@ async fn writes_without_the_csrf_token_are_refused(backend: Backend) {
     ];
     let r = b.post_raw("/admin/settings", &fields).await;
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
-    assert!(r.text().await.unwrap().contains("did not come from this site"));
+    assert!(
+        r.text()
+            .await
+            .unwrap()
+            .contains("did not come from this site")
+    );
     let mut wrong = fields.to_vec();
     wrong.push(("csrf_token", "not-the-token-not-the-token-not-the-token-xx"));
     assert_eq!(
@@ -368,10 +407,16 @@ async fn writes_without_the_csrf_token_are_refused(backend: Backend) {
         StatusCode::FORBIDDEN
     );
     assert_eq!(
-        b.post_raw("/admin/settings/rotate-webhook-secret", &[]).await.status(),
+        b.post_raw("/admin/settings/rotate-webhook-secret", &[])
+            .await
+            .status(),
         StatusCode::FORBIDDEN
     );
-    let name = scalar(&app, &format!("SELECT name FROM tenants WHERE id = '{}'", t.id)).await;
+    let name = scalar(
+        &app,
+        &format!("SELECT name FROM tenants WHERE id = '{}'", t.id),
+    )
+    .await;
     assert_eq!(name.as_deref(), Some("Acme"));
     assert_eq!(app.count("agents").await, 0);
     assert_eq!(app.count("admin_sessions").await, 1, "still signed in");
@@ -427,13 +472,21 @@ async fn settings_round_trip_keeps_the_token_sealed(backend: Backend) {
 
     let sealed = scalar(
         &app,
-        &format!("SELECT exotel_api_token_sealed FROM tenants WHERE id = '{}'", t.id),
+        &format!(
+            "SELECT exotel_api_token_sealed FROM tenants WHERE id = '{}'",
+            t.id
+        ),
     )
     .await
     .unwrap();
     assert!(!sealed.contains("brand-new-token"), "sealed at rest");
-    assert_eq!(app.state.sealer.open(&sealed).unwrap(), "brand-new-token-9876");
-    let base = scalar(&app, "SELECT exotel_api_base FROM tenants").await.unwrap();
+    assert_eq!(
+        app.state.sealer.open(&sealed).unwrap(),
+        "brand-new-token-9876"
+    );
+    let base = scalar(&app, "SELECT exotel_api_base FROM tenants")
+        .await
+        .unwrap();
     assert_eq!(base, "https://api.in.exotel.com");
     assert_eq!(
         scalar_i64(&app, "SELECT time_limit FROM tenants").await,
@@ -450,9 +503,17 @@ async fn settings_round_trip_keeps_the_token_sealed(backend: Backend) {
         ("api_base_custom", "http://127.0.0.1:9/exotel"),
         ("default_region", "IN"),
     ];
-    assert_eq!(b.post("/admin/settings", &keep).await.status(), StatusCode::SEE_OTHER);
-    let sealed2 = scalar(&app, "SELECT exotel_api_token_sealed FROM tenants").await.unwrap();
-    assert_eq!(app.state.sealer.open(&sealed2).unwrap(), "brand-new-token-9876");
+    assert_eq!(
+        b.post("/admin/settings", &keep).await.status(),
+        StatusCode::SEE_OTHER
+    );
+    let sealed2 = scalar(&app, "SELECT exotel_api_token_sealed FROM tenants")
+        .await
+        .unwrap();
+    assert_eq!(
+        app.state.sealer.open(&sealed2).unwrap(),
+        "brand-new-token-9876"
+    );
     assert_eq!(
         scalar(&app, "SELECT time_limit FROM tenants").await,
         None,
@@ -474,8 +535,14 @@ async fn settings_round_trip_keeps_the_token_sealed(backend: Backend) {
     assert!(html.contains("Nothing was saved"));
     assert!(html.contains("Account SID must be a non-empty value without spaces"));
     assert!(html.contains("TimeOut must be a whole number"));
-    assert!(!html.contains("another-token"), "a typed token is not echoed");
-    assert_eq!(scalar(&app, "SELECT name FROM tenants").await.as_deref(), Some("Acme India"));
+    assert!(
+        !html.contains("another-token"),
+        "a typed token is not echoed"
+    );
+    assert_eq!(
+        scalar(&app, "SELECT name FROM tenants").await.as_deref(),
+        Some("Acme India")
+    );
 }
 
 async fn webhook_secrets_are_shown_once(backend: Backend) {
@@ -496,7 +563,9 @@ async fn webhook_secrets_are_shown_once(backend: Backend) {
     let html = r.text().await.unwrap();
     let secret = between(&html, "id=\"new-webhook-secret\">", "<");
     assert!(secret.starts_with("whsec_"), "{secret}");
-    let sealed = scalar(&app, "SELECT webhook_secret_sealed FROM tenants").await.unwrap();
+    let sealed = scalar(&app, "SELECT webhook_secret_sealed FROM tenants")
+        .await
+        .unwrap();
     assert_eq!(app.state.sealer.open(&sealed).unwrap(), secret);
 
     let html = b.page("/admin/settings").await;
@@ -507,12 +576,17 @@ async fn webhook_secrets_are_shown_once(backend: Backend) {
     assert_eq!(r.status(), StatusCode::OK);
     let rotated = between(&r.text().await.unwrap(), "id=\"new-webhook-secret\">", "<");
     assert_ne!(rotated, secret);
-    let sealed = scalar(&app, "SELECT webhook_secret_sealed FROM tenants").await.unwrap();
+    let sealed = scalar(&app, "SELECT webhook_secret_sealed FROM tenants")
+        .await
+        .unwrap();
     assert_eq!(app.state.sealer.open(&sealed).unwrap(), rotated);
 }
 
 fn between(html: &str, start: &str, end: &str) -> String {
-    let s = html.find(start).unwrap_or_else(|| panic!("{start} in page")) + start.len();
+    let s = html
+        .find(start)
+        .unwrap_or_else(|| panic!("{start} in page"))
+        + start.len();
     let e = s + html[s..].find(end).unwrap();
     html[s..e].trim().to_owned()
 }
@@ -524,8 +598,13 @@ async fn test_connection_reports_success_and_exotel_errors(backend: Backend) {
         .and(matchers::path("/v1/Accounts/acme1/Calls.json"))
         .and(matchers::query_param("PageSize", "1"))
         // key123:token456
-        .and(matchers::header("authorization", "Basic a2V5MTIzOnRva2VuNDU2"))
-        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"Metadata": {}, "Calls": []})))
+        .and(matchers::header(
+            "authorization",
+            "Basic a2V5MTIzOnRva2VuNDU2",
+        ))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"Metadata": {}, "Calls": []})),
+        )
         .expect(1)
         .mount(&app.exotel)
         .await;
@@ -550,7 +629,9 @@ async fn test_connection_reports_success_and_exotel_errors(backend: Backend) {
         .await
         .unwrap();
     assert!(html.contains("Failed."));
-    assert!(html.contains("Exotel answered HTTP 401: Authentication is required to view this page."));
+    assert!(
+        html.contains("Exotel answered HTTP 401: Authentication is required to view this page.")
+    );
     assert!(!html.contains("token456"));
 }
 
@@ -587,7 +668,10 @@ async fn calls_list_filters(backend: Backend) {
         .await;
     let (open, _) = app.place_call(&t, "+919800000002").await;
     let r = app
-        .post_call(&t.api_key, json!({"from": "+919876543210", "to": "+919800000003"}))
+        .post_call(
+            &t.api_key,
+            json!({"from": "+919876543210", "to": "+919800000003"}),
+        )
         .await;
     assert_eq!(r.status(), 502);
     let failed: String = r.json::<serde_json::Value>().await.unwrap()["call_id"]
@@ -603,7 +687,11 @@ async fn calls_list_filters(backend: Backend) {
     assert!(html.find(failed.as_str()) < html.find(done.as_str()));
 
     let html = b.page("/admin/calls?status=completed").await;
-    assert!(html.contains(done.as_str()) && !html.contains(open.as_str()) && !html.contains(failed.as_str()));
+    assert!(
+        html.contains(done.as_str())
+            && !html.contains(open.as_str())
+            && !html.contains(failed.as_str())
+    );
     let html = b.page("/admin/calls?status=failed").await;
     assert!(html.contains(failed.as_str()) && !html.contains(done.as_str()));
     let html = b.page("/admin/calls?number=98000%2000002").await;
@@ -613,12 +701,20 @@ async fn calls_list_filters(backend: Backend) {
     let html = b.page("/admin/calls?direction=inbound").await;
     assert!(html.contains("No calls match."));
     let html = b
-        .page(&format!("/admin/calls?from={}&to={}", today_in_ist(0), today_in_ist(0)))
+        .page(&format!(
+            "/admin/calls?from={}&to={}",
+            today_in_ist(0),
+            today_in_ist(0)
+        ))
         .await;
     assert!(html.contains(done.as_str()) && html.contains(open.as_str()));
-    let html = b.page(&format!("/admin/calls?from={}", today_in_ist(1))).await;
+    let html = b
+        .page(&format!("/admin/calls?from={}", today_in_ist(1)))
+        .await;
     assert!(html.contains("No calls match."));
-    let html = b.page(&format!("/admin/calls?to={}", today_in_ist(-1))).await;
+    let html = b
+        .page(&format!("/admin/calls?to={}", today_in_ist(-1)))
+        .await;
     assert!(html.contains("No calls match."));
     let html = b.page("/admin/calls?from=26-11-2026").await;
     assert!(html.contains("From date must be a date like 2026-11-26"));
@@ -637,31 +733,56 @@ async fn timeline_shows_requests_callbacks_and_every_attempt(backend: Backend) {
     assert!(html.contains("No final callback yet."));
 
     assert_eq!(
-        app.callback(&url, "application/json", guide_callback("sidT1").to_string())
-            .await
-            .status(),
+        app.callback(
+            &url,
+            "application/json",
+            guide_callback("sidT1").to_string()
+        )
+        .await
+        .status(),
         200
     );
     // Five attempts (the test config's max), zero backoff: the job dies.
     assert_eq!(app.drain_jobs().await, 5);
     let html = b.page(&format!("/admin/calls/{id}")).await;
-    assert!(html.contains("Exotel&#x27;s StatusCallback") || html.contains("Exotel's StatusCallback"), "source shown");
-    assert!(html.contains("&#34;CallSid&#34;: &#34;sidT1&#34;"), "pretty payload, escaped");
-    assert!(html.contains("exotelrecordings/acme1/xxdewfcwsdw.mp3"), "recording link");
+    assert!(
+        html.contains("Exotel&#x27;s StatusCallback") || html.contains("Exotel's StatusCallback"),
+        "source shown"
+    );
+    assert!(
+        html.contains("&#34;CallSid&#34;: &#34;sidT1&#34;"),
+        "pretty payload, escaped"
+    );
+    assert!(
+        html.contains("exotelrecordings/acme1/xxdewfcwsdw.mp3"),
+        "recording link"
+    );
     assert!(html.contains("<td data-label=\"Party\">agent</td>"));
-    assert!(html.contains("41 s") && html.contains("32 s"), "leg durations");
+    assert!(
+        html.contains("41 s") && html.contains("32 s"),
+        "leg durations"
+    );
     assert!(html.contains("5 of 5 attempts"));
-    assert_eq!(html.matches("<td data-label=\"HTTP\" class=\"num\">500</td>").count(), 5);
+    assert_eq!(
+        html.matches("<td data-label=\"HTTP\" class=\"num\">500</td>")
+            .count(),
+        5
+    );
     assert!(html.contains("gave up after 5 attempts"));
     assert!(html.contains("<span class=\"pill dead\">dead</span>"));
     for n in 1..=5 {
-        assert!(html.contains(&format!("<td data-label=\"Attempt\" class=\"num\">{n}</td>")));
+        assert!(html.contains(&format!(
+            "<td data-label=\"Attempt\" class=\"num\">{n}</td>"
+        )));
     }
 
     // A call Exotel refused shows Exotel's message.
     exotel_refuses(&app, "+919800000009", "Call to DND number blocked").await;
     let r = app
-        .post_call(&t.api_key, json!({"from": "+919876543210", "to": "+919800000009"}))
+        .post_call(
+            &t.api_key,
+            json!({"from": "+919876543210", "to": "+919800000009"}),
+        )
         .await;
     let failed = r.json::<serde_json::Value>().await.unwrap()["call_id"]
         .as_str()
@@ -670,7 +791,10 @@ async fn timeline_shows_requests_callbacks_and_every_attempt(backend: Backend) {
     let html = b.page(&format!("/admin/calls/{failed}")).await;
     assert!(html.contains("Call to DND number blocked"));
     assert!(html.contains("Nothing to deliver until the call ends."));
-    assert_eq!(b.get("/admin/calls/call_doesnotexist").await.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        b.get("/admin/calls/call_doesnotexist").await.status(),
+        StatusCode::NOT_FOUND
+    );
 }
 
 async fn dead_letters_can_be_retried_and_discarded(backend: Backend) {
@@ -679,59 +803,109 @@ async fn dead_letters_can_be_retried_and_discarded(backend: Backend) {
     app.exotel_accepts("sidD1").await;
     app.receiver_answers(500).await;
     let (first, url1) = app.place_call(&t, "+919800000011").await;
-    app.callback(&url1, "application/json", guide_callback("sidD1").to_string())
-        .await;
+    app.callback(
+        &url1,
+        "application/json",
+        guide_callback("sidD1").to_string(),
+    )
+    .await;
     app.exotel.reset().await;
     app.exotel_accepts("sidD2").await;
     let (_second, url2) = app.place_call(&t, "+919800000012").await;
-    app.callback(&url2, "application/json", guide_callback("sidD2").to_string())
-        .await;
+    app.callback(
+        &url2,
+        "application/json",
+        guide_callback("sidD2").to_string(),
+    )
+    .await;
     app.drain_jobs().await;
-    assert_eq!(scalar_i64(&app, "SELECT COUNT(*) FROM jobs WHERE state = 'dead'").await, 2);
+    assert_eq!(
+        scalar_i64(&app, "SELECT COUNT(*) FROM jobs WHERE state = 'dead'").await,
+        2
+    );
 
     let html = b.page("/admin/dead-letters").await;
     assert!(html.contains("gave up after 5 attempts"));
     assert!(html.contains(first.as_str()));
     let home = b.page("/admin").await;
-    assert!(home.contains("<strong style=\"font-size:1.6rem\">2</strong>"), "dashboard count");
-    let job1 = scalar_i64(&app, &format!("SELECT id FROM jobs WHERE call_id = '{first}'")).await;
-    let job2 = scalar_i64(&app, &format!("SELECT id FROM jobs WHERE call_id <> '{first}'")).await;
+    assert!(
+        home.contains("<strong style=\"font-size:1.6rem\">2</strong>"),
+        "dashboard count"
+    );
+    let job1 = scalar_i64(
+        &app,
+        &format!("SELECT id FROM jobs WHERE call_id = '{first}'"),
+    )
+    .await;
+    let job2 = scalar_i64(
+        &app,
+        &format!("SELECT id FROM jobs WHERE call_id <> '{first}'"),
+    )
+    .await;
 
     // Without the token: refused, unchanged.
-    let r = b.post_raw(&format!("/admin/dead-letters/{job1}/retry"), &[]).await;
+    let r = b
+        .post_raw(&format!("/admin/dead-letters/{job1}/retry"), &[])
+        .await;
     assert_eq!(r.status(), StatusCode::FORBIDDEN);
-    assert_eq!(scalar_i64(&app, "SELECT COUNT(*) FROM jobs WHERE state = 'dead'").await, 2);
+    assert_eq!(
+        scalar_i64(&app, "SELECT COUNT(*) FROM jobs WHERE state = 'dead'").await,
+        2
+    );
 
     app.receiver.reset().await;
     app.receiver_answers(200).await;
-    let r = b.post(&format!("/admin/dead-letters/{job1}/retry"), &[]).await;
+    let r = b
+        .post(&format!("/admin/dead-letters/{job1}/retry"), &[])
+        .await;
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
     assert_eq!(location(&r), "/admin/dead-letters?notice=retried");
     let (state, max): (String, i64) = {
-        let s = scalar(&app, &format!("SELECT state FROM jobs WHERE id = {job1}")).await.unwrap();
-        (s, scalar_i64(&app, &format!("SELECT max_attempts FROM jobs WHERE id = {job1}")).await)
+        let s = scalar(&app, &format!("SELECT state FROM jobs WHERE id = {job1}"))
+            .await
+            .unwrap();
+        (
+            s,
+            scalar_i64(
+                &app,
+                &format!("SELECT max_attempts FROM jobs WHERE id = {job1}"),
+            )
+            .await,
+        )
     };
     assert_eq!(state, "queued");
     assert_eq!(max, 10, "a fresh round of attempts");
     assert_eq!(app.drain_jobs().await, 1);
     assert_eq!(
-        scalar(&app, &format!("SELECT state FROM jobs WHERE id = {job1}")).await.as_deref(),
+        scalar(&app, &format!("SELECT state FROM jobs WHERE id = {job1}"))
+            .await
+            .as_deref(),
         Some("done")
     );
     let html = b.page(&format!("/admin/calls/{first}")).await;
     assert!(html.contains("<td data-label=\"Attempt\" class=\"num\">6</td>"));
     assert!(html.contains("<td data-label=\"HTTP\" class=\"num\">200</td>"));
 
-    let r = b.post(&format!("/admin/dead-letters/{job2}/discard"), &[]).await;
+    let r = b
+        .post(&format!("/admin/dead-letters/{job2}/discard"), &[])
+        .await;
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
     assert_eq!(
-        scalar(&app, &format!("SELECT state FROM jobs WHERE id = {job2}")).await.as_deref(),
+        scalar(&app, &format!("SELECT state FROM jobs WHERE id = {job2}"))
+            .await
+            .as_deref(),
         Some("discarded")
     );
-    assert!(b.page("/admin/dead-letters").await.contains("No dead letters."));
+    assert!(
+        b.page("/admin/dead-letters")
+            .await
+            .contains("No dead letters.")
+    );
     // Neither is dead any more: both actions answer 404.
     for action in ["retry", "discard"] {
-        let r = b.post(&format!("/admin/dead-letters/{job2}/{action}"), &[]).await;
+        let r = b
+            .post(&format!("/admin/dead-letters/{job2}/{action}"), &[])
+            .await;
         assert_eq!(r.status(), StatusCode::NOT_FOUND);
     }
     assert_eq!(app.drain_jobs().await, 0, "discarded jobs are not run");
@@ -744,8 +918,12 @@ async fn admins_only_see_their_own_tenant(backend: Backend) {
     app.exotel_accepts("sidI1").await;
     app.receiver_answers(500).await;
     let (call_a, url) = app.place_call(&a, "+919812345678").await;
-    app.callback(&url, "application/json", guide_callback("sidI1").to_string())
-        .await;
+    app.callback(
+        &url,
+        "application/json",
+        guide_callback("sidI1").to_string(),
+    )
+    .await;
     app.drain_jobs().await;
     let job_a = scalar_i64(&app, "SELECT id FROM jobs").await;
     let agent_a = callbridge::tenants::add_agent(
@@ -761,23 +939,40 @@ async fn admins_only_see_their_own_tenant(backend: Backend) {
     .unwrap();
 
     assert_eq!(
-        admin_b.get(&format!("/admin/calls/{call_a}")).await.status(),
+        admin_b
+            .get(&format!("/admin/calls/{call_a}"))
+            .await
+            .status(),
         StatusCode::NOT_FOUND
     );
     assert!(!admin_b.page("/admin/calls").await.contains(call_a.as_str()));
-    assert!(admin_b.page("/admin/dead-letters").await.contains("No dead letters."));
+    assert!(
+        admin_b
+            .page("/admin/dead-letters")
+            .await
+            .contains("No dead letters.")
+    );
     assert!(!admin_b.page("/admin/agents").await.contains("Asha"));
     assert_eq!(
-        admin_b.post(&format!("/admin/dead-letters/{job_a}/retry"), &[]).await.status(),
-        StatusCode::NOT_FOUND
-    );
-    assert_eq!(
-        admin_b.get(&format!("/admin/agents/{}", agent_a.id)).await.status(),
+        admin_b
+            .post(&format!("/admin/dead-letters/{job_a}/retry"), &[])
+            .await
+            .status(),
         StatusCode::NOT_FOUND
     );
     assert_eq!(
         admin_b
-            .post(&format!("/admin/agents/{}", agent_a.id), &[("phone", "+919999999999")])
+            .get(&format!("/admin/agents/{}", agent_a.id))
+            .await
+            .status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        admin_b
+            .post(
+                &format!("/admin/agents/{}", agent_a.id),
+                &[("phone", "+919999999999")]
+            )
             .await
             .status(),
         StatusCode::NOT_FOUND
@@ -823,7 +1018,10 @@ async fn agents_can_be_added_edited_and_removed(backend: Backend) {
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
     assert!(r.text().await.unwrap().contains("Phone:"));
     let r = b
-        .post("/admin/agents", &[("phone", "+919811111111"), ("crm_users", "nocolon")])
+        .post(
+            "/admin/agents",
+            &[("phone", "+919811111111"), ("crm_users", "nocolon")],
+        )
         .await;
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(app.count("agents").await, 1);
@@ -834,7 +1032,11 @@ async fn agents_can_be_added_edited_and_removed(backend: Backend) {
     let r = b
         .post(
             &format!("/admin/agents/{id}"),
-            &[("name", "Asha K"), ("phone", "+91 98765 00000"), ("crm_users", "pipedrive:43")],
+            &[
+                ("name", "Asha K"),
+                ("phone", "+91 98765 00000"),
+                ("crm_users", "pipedrive:43"),
+            ],
         )
         .await;
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
@@ -849,7 +1051,9 @@ async fn agents_can_be_added_edited_and_removed(backend: Backend) {
     assert_eq!(app.count("agents").await, 0);
     assert_eq!(app.count("agent_crm_users").await, 0);
     assert_eq!(
-        b.post(&format!("/admin/agents/{id}/delete"), &[]).await.status(),
+        b.post(&format!("/admin/agents/{id}/delete"), &[])
+            .await
+            .status(),
         StatusCode::NOT_FOUND
     );
 }
@@ -860,7 +1064,15 @@ async fn the_cli_creates_admins_with_a_password_from_stdin(backend: Backend) {
     let t = app.tenant(false).await;
     let run = |email: &str, password: &str| {
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_callbridge"))
-            .args(["admin", "create", "--tenant", &t.id, "--email", email, "--password-stdin"])
+            .args([
+                "admin",
+                "create",
+                "--tenant",
+                &t.id,
+                "--email",
+                email,
+                "--password-stdin",
+            ])
             .env("DATABASE_URL", &app.config.database_url)
             .env(
                 "CALLBRIDGE_MASTER_KEY",
@@ -882,7 +1094,11 @@ async fn the_cli_creates_admins_with_a_password_from_stdin(backend: Backend) {
     assert_eq!(app.count("admin_users").await, 0);
 
     let out = run("cli@acme.example", PASSWORD);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(created["email"], "cli@acme.example");
     assert_eq!(created["tenant_id"], t.id.as_str());
@@ -892,5 +1108,8 @@ async fn the_cli_creates_admins_with_a_password_from_stdin(backend: Backend) {
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
 
     let b = Browser::new(&app);
-    assert_eq!(b.login("cli@acme.example", PASSWORD).await.status(), StatusCode::SEE_OTHER);
+    assert_eq!(
+        b.login("cli@acme.example", PASSWORD).await.status(),
+        StatusCode::SEE_OTHER
+    );
 }

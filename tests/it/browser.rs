@@ -135,21 +135,48 @@ async fn admin_console_in_headless_chromium() {
     app.exotel_accepts("sidBrowser1").await;
     app.receiver_answers(503).await;
     let (call_id, url) = app.place_call(&t, "+919812345678").await;
-    app.callback(&url, "application/json", guide_callback("sidBrowser1").to_string())
-        .await;
+    app.callback(
+        &url,
+        "application/json",
+        guide_callback("sidBrowser1").to_string(),
+    )
+    .await;
     app.drain_jobs().await;
     let _open = app.place_call(&t, "+919812340000").await;
 
     let c = browser(&driver).await;
     let result = std::panic::AssertUnwindSafe(async {
-        c.goto(&format!("{}/admin/settings", app.base)).await.unwrap();
+        c.goto(&format!("{}/admin/settings", app.base))
+            .await
+            .unwrap();
         wait_for(&c, "input#email").await;
-        assert!(c.current_url().await.unwrap().path().starts_with("/admin/login"));
+        assert!(
+            c.current_url()
+                .await
+                .unwrap()
+                .path()
+                .starts_with("/admin/login")
+        );
         screenshot(&c, "01-login").await;
 
-        c.find(Locator::Css("input#email")).await.unwrap().send_keys("ops@acme.example").await.unwrap();
-        c.find(Locator::Css("input#password")).await.unwrap().send_keys(PASSWORD).await.unwrap();
-        c.find(Locator::Css("form button[type=submit]")).await.unwrap().click().await.unwrap();
+        c.find(Locator::Css("input#email"))
+            .await
+            .unwrap()
+            .send_keys("ops@acme.example")
+            .await
+            .unwrap();
+        c.find(Locator::Css("input#password"))
+            .await
+            .unwrap()
+            .send_keys(PASSWORD)
+            .await
+            .unwrap();
+        c.find(Locator::Css("form button[type=submit]"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
         // Back where we asked to go.
         wait_for(&c, "form#settings-form").await;
         assert_eq!(c.current_url().await.unwrap().path(), "/admin/settings");
@@ -201,12 +228,16 @@ async fn admin_console_in_headless_chromium() {
         c.goto(&format!("{}/admin/calls", app.base)).await.unwrap();
         wait_for(&c, "table#calls").await;
         screenshot(&c, "07-calls-phone").await;
-        c.goto(&format!("{}/admin/calls/{call_id}", app.base)).await.unwrap();
+        c.goto(&format!("{}/admin/calls/{call_id}", app.base))
+            .await
+            .unwrap();
         wait_for(&c, "table.attempts").await;
         c.set_window_size(390, 1800).await.unwrap();
         screenshot(&c, "08-call-timeline-phone").await;
         c.set_window_size(390, 844).await.unwrap();
-        c.goto(&format!("{}/admin/settings", app.base)).await.unwrap();
+        c.goto(&format!("{}/admin/settings", app.base))
+            .await
+            .unwrap();
         wait_for(&c, "form#settings-form").await;
         screenshot(&c, "09-settings-phone").await;
     })
