@@ -1,5 +1,6 @@
-//! The command line: `serve`, `demo`, `migrate`, `tenant create`, `agent add`, `numbers add`.
-//! Output meant for scripts goes to stdout as one JSON object; logs go to stderr.
+//! The command line: `serve`, `demo`, `migrate`, `tenant create`, `agent add`,
+//! `numbers add`, `admin create`. Output meant for scripts goes to stdout as one JSON object;
+//! logs go to stderr.
 
 use std::path::PathBuf;
 
@@ -43,6 +44,9 @@ pub enum Command {
     /// Manage a tenant's virtual-number pool (number masking).
     #[command(subcommand)]
     Numbers(NumbersCmd),
+    /// Manage admin console users.
+    #[command(subcommand)]
+    Admin(AdminCmd),
 }
 
 /// `numbers …`
@@ -61,6 +65,28 @@ pub struct NumbersAdd {
     /// The numbers, E.164 or national in the tenant's region.
     #[arg(required = true)]
     pub numbers: Vec<String>,
+}
+
+/// `admin …`
+#[derive(Debug, Subcommand)]
+pub enum AdminCmd {
+    /// Create an admin user for a tenant; the password is read from standard input.
+    Create(AdminCreate),
+}
+
+/// `admin create` arguments.
+#[derive(Debug, Args)]
+pub struct AdminCreate {
+    /// Tenant id (`ten_…`).
+    #[arg(long)]
+    pub tenant: String,
+    /// The admin's email (unique across the installation).
+    #[arg(long)]
+    pub email: String,
+    /// Read the password from the first line of standard input without prompting (for
+    /// scripts). Without it, a terminal is prompted twice with echo off.
+    #[arg(long)]
+    pub password_stdin: bool,
 }
 
 /// `tenant …`
@@ -165,6 +191,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&created)?);
             Ok(())
         }
+        Command::Admin(AdminCmd::Create(a)) => {
+            let password = read_password(a.password_stdin)?;
+            let db = db::connect(&config).await?;
+            db::migrate(&db).await?;
+            let user = crate::admin::users::create(&db, &a.tenant, &a.email, &password)
+                .await
+                .context("creating the admin user")?;
+            println!(
+                "{}",
+                serde_json::json!({"admin_user_id": user.id, "tenant_id": user.tenant_id,
+                                   "email": user.email})
+            );
+            Ok(())
+        }
         Command::Agent(AgentCmd::Add(a)) => {
             let db = db::connect(&config).await?;
             db::migrate(&db).await?;
@@ -210,4 +250,35 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The new admin's password: one line from standard input (`--password-stdin` or a pipe), or a
+/// no-echo prompt, asked twice, on a terminal.
+fn read_password(from_stdin: bool) -> anyhow::Result<String> {
+    use std::io::{BufRead, IsTerminal};
+    let stdin = std::io::stdin();
+    let password = if from_stdin || !stdin.is_terminal() {
+        let mut line = String::new();
+        stdin
+            .lock()
+            .read_line(&mut line)
+            .context("reading the password from standard input")?;
+        line.trim_end_matches(['\r', '\n']).to_owned()
+    } else {
+        let first = rpassword::prompt_password("Password (at least 12 characters): ")
+            .context("reading the password")?;
+        let second =
+            rpassword::prompt_password("Repeat the password: ").context("reading the password")?;
+        if first != second {
+            anyhow::bail!("the two passwords differ");
+        }
+        first
+    };
+    if password.is_empty() {
+        anyhow::bail!(
+            "no password given: pipe it on standard input (e.g. `… --password-stdin < file`)"
+        );
+    }
+    crate::admin::users::check_password_policy(&password)?;
+    Ok(password)
 }

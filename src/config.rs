@@ -93,6 +93,15 @@ pub struct Config {
     /// Sync Passthru: status answered for an unanswered call (200 = branch A, 302 = branch B);
     /// answered calls always get 200. A tenant may override it.
     pub passthru_branch_on_unanswered: u16,
+    /// Admin console: seconds of inactivity after which a session ends.
+    pub admin_session_idle_secs: u64,
+    /// Admin console: seconds after login at which a session ends regardless of activity.
+    pub admin_session_max_secs: u64,
+    /// Admin console: failed logins per email inside `admin_login_window_secs` before that email
+    /// is refused for the rest of the window (one client IP gets four times as many).
+    pub admin_login_max_failures: i32,
+    /// Admin console: length of the login-failure window, in seconds.
+    pub admin_login_window_secs: u64,
 }
 
 impl Default for Config {
@@ -134,6 +143,10 @@ impl Default for Config {
             masking_pin_caller_check: false,
             masking_sweep_interval_secs: 60,
             passthru_branch_on_unanswered: 200,
+            admin_session_idle_secs: 2 * 3600,
+            admin_session_max_secs: 12 * 3600,
+            admin_login_max_failures: 5,
+            admin_login_window_secs: 15 * 60,
         }
     }
 }
@@ -216,6 +229,17 @@ impl Config {
         }
         if !matches!(self.passthru_branch_on_unanswered, 200 | 302) {
             bail!("CALLBRIDGE_PASSTHRU_BRANCH_ON_UNANSWERED must be 200 or 302");
+        }
+        if self.admin_session_idle_secs == 0
+            || self.admin_session_max_secs < self.admin_session_idle_secs
+        {
+            bail!(
+                "CALLBRIDGE_ADMIN_SESSION_IDLE_SECS must be positive and at most \
+                 CALLBRIDGE_ADMIN_SESSION_MAX_SECS"
+            );
+        }
+        if self.admin_login_max_failures < 1 || self.admin_login_window_secs == 0 {
+            bail!("CALLBRIDGE_ADMIN_LOGIN_MAX_FAILURES and _WINDOW_SECS must be positive");
         }
         if let Some(key) = &self.master_key {
             crate::crypto::Sealer::from_base64(key.expose_secret())

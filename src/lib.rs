@@ -10,6 +10,7 @@
 //! step; library modules that others match on (Exotel client, callback parser, connectors) own
 //! `thiserror` enums.
 
+pub mod admin;
 pub mod calls;
 pub mod cli;
 pub mod config;
@@ -290,10 +291,14 @@ impl Application {
         let app = http::router(state.clone());
         tracing::info!(addr = %listener.local_addr()?, public = %state.public_base, "callbridge listening");
         let s = shutdown.clone();
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { s.cancelled().await })
-            .await
-            .context("HTTP server")?;
+        // Connect info gives the admin login throttle the peer address.
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { s.cancelled().await })
+        .await
+        .context("HTTP server")?;
         shutdown.cancel();
         while tasks.join_next().await.is_some() {}
         // Every accepted callback was answered after its commit; this only waits for the

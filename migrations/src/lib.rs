@@ -12,6 +12,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261126_000001_create_core;
 mod m20261126_000002_masking;
+mod m20261126_000003_admin;
 
 /// The list of migrations, in order.
 #[derive(Debug)]
@@ -23,6 +24,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261126_000001_create_core::Migration),
             Box::new(m20261126_000002_masking::Migration),
+            Box::new(m20261126_000003_admin::Migration),
         ]
     }
 }

@@ -192,6 +192,21 @@ impl ExotelClient {
             .ok_or_else(|| ExotelError::BadResponse("call details without Call.Sid/Status".into()))
     }
 
+    /// `GET Calls.json?PageSize=1` (bulk call details): a cheap, read-only request that
+    /// proves the account's SID, key, token and cluster are right. Used by the admin console's
+    /// "Test connection".
+    ///
+    /// # Errors
+    /// [`ExotelError`]: `Refused` carries Exotel's `RestException.Message` (e.g. a 401).
+    pub async fn check_account(&self, account: &ExotelAccount) -> Result<(), ExotelError> {
+        let req = self
+            .http
+            .get(Self::url(account, "Calls.json"))
+            .query(&[("PageSize", "1")])
+            .basic_auth(&account.api_key, Some(account.api_token.expose_secret()));
+        self.send(req, "check_account").await.map(|_| ())
+    }
+
     /// `GET` a URL on Exotel with the account's credentials (recordings).
     ///
     /// # Errors

@@ -28,7 +28,8 @@ pub fn router(state: AppState) -> Router {
         .merge(hooks::router(&state))
         .merge(flow::router())
         .merge(sessions::router())
-        .merge(health::router());
+        .merge(health::router())
+        .merge(crate::admin::router(&state));
     if state.demo.is_some() {
         app = app.merge(crate::demo::router());
     }

@@ -3,6 +3,8 @@
 //! End-to-end tests of the host over HTTP against fake Exotel and fake receivers on loopback.
 //! Every scenario runs on SQLite and on PostgreSQL (`both_backends!`).
 
+mod admin;
+mod browser;
 mod helpers;
 mod masking;
 mod smoke;

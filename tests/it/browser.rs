@@ -1,0 +1,266 @@
+//! The admin console in a real browser: headless Chromium driven over WebDriver (`fantoccini`
+//! against a `chromedriver` this test starts on a free port). It signs in, saves settings,
+//! opens the calls list and a call's timeline, and saves PNG screenshots under
+//! `target/screenshots/` for a person to look at (desktop and phone widths).
+//!
+//! Needs Debian's `chromium` and `chromium-driver` packages (`chromedriver` on PATH, or set
+//! `CHROMEDRIVER`). Without them the test fails and says how to install them.
+
+use std::{
+    net::TcpListener,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use futures_util::FutureExt;
+use serde_json::json;
+
+use crate::{admin::PASSWORD, helpers::*};
+
+/// A chromedriver process, killed on drop.
+pub struct Driver {
+    child: Child,
+    pub url: String,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn find_chromedriver() -> PathBuf {
+    if let Ok(p) = std::env::var("CHROMEDRIVER") {
+        return PathBuf::from(p);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join("chromedriver"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "chromedriver was not found on PATH. The browser test needs headless Chromium and \
+                 its WebDriver: on Debian run `apt-get update && apt-get install -y chromium \
+                 chromium-driver` (or set CHROMEDRIVER=/path/to/chromedriver)."
+            )
+        })
+}
+
+/// Start chromedriver on a free loopback port and wait until it answers.
+pub async fn start_driver() -> Driver {
+    let exe = find_chromedriver();
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let child = Command::new(&exe)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("could not start {}: {e}", exe.display()));
+    let driver = Driver {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    };
+    let probe = reqwest::Client::new();
+    let started = Instant::now();
+    loop {
+        if let Ok(r) = probe.get(format!("{}/status", driver.url)).send().await
+            && r.status().is_success()
+        {
+            return driver;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "chromedriver at {} did not answer within 30 s",
+            driver.url
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A headless Chromium session.
+pub async fn browser(driver: &Driver) -> Client {
+    let mut chrome = json!({
+        "args": [
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--no-first-run", "--window-size=1280,1000", "--lang=en-US"
+        ]
+    });
+    if std::path::Path::new("/usr/bin/chromium").exists() {
+        chrome["binary"] = json!("/usr/bin/chromium");
+    }
+    let mut caps = serde_json::Map::new();
+    caps.insert("goog:chromeOptions".into(), chrome);
+    ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(caps)
+        .connect(&driver.url)
+        .await
+        .expect("a WebDriver session with headless Chromium")
+}
+
+/// Save a screenshot of the viewport as `target/screenshots/{name}.png`.
+pub async fn screenshot(c: &Client, name: &str) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    let png = c.screenshot().await.unwrap();
+    assert!(png.starts_with(b"\x89PNG"), "a PNG");
+    let path = dir.join(format!("{name}.png"));
+    std::fs::write(&path, png).unwrap();
+    path
+}
+
+async fn wait_for(c: &Client, css: &str) -> fantoccini::elements::Element {
+    c.wait()
+        .at_most(Duration::from_secs(15))
+        .for_element(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css} did not appear: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_console_in_headless_chromium() {
+    let driver = start_driver().await;
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let t = app.tenant(true).await;
+    callbridge::admin::users::create(&app.state.db, &t.id, "ops@acme.example", PASSWORD)
+        .await
+        .unwrap();
+    // A finished call whose webhook delivery keeps failing, so the timeline has attempts.
+    app.exotel_accepts("sidBrowser1").await;
+    app.receiver_answers(503).await;
+    let (call_id, url) = app.place_call(&t, "+919812345678").await;
+    app.callback(
+        &url,
+        "application/json",
+        guide_callback("sidBrowser1").to_string(),
+    )
+    .await;
+    app.drain_jobs().await;
+    let _open = app.place_call(&t, "+919812340000").await;
+
+    let c = browser(&driver).await;
+    let result = std::panic::AssertUnwindSafe(async {
+        c.goto(&format!("{}/admin/settings", app.base))
+            .await
+            .unwrap();
+        wait_for(&c, "input#email").await;
+        assert!(
+            c.current_url()
+                .await
+                .unwrap()
+                .path()
+                .starts_with("/admin/login")
+        );
+        screenshot(&c, "01-login").await;
+
+        c.find(Locator::Css("input#email"))
+            .await
+            .unwrap()
+            .send_keys("ops@acme.example")
+            .await
+            .unwrap();
+        c.find(Locator::Css("input#password"))
+            .await
+            .unwrap()
+            .send_keys(PASSWORD)
+            .await
+            .unwrap();
+        c.find(Locator::Css("form button[type=submit]"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        // Back where we asked to go.
+        wait_for(&c, "form#settings-form").await;
+        assert_eq!(c.current_url().await.unwrap().path(), "/admin/settings");
+        let html = c.source().await.unwrap();
+        assert!(html.contains("••••n456") && !html.contains("token456"));
+        screenshot(&c, "02-settings").await;
+
+        let name = c.find(Locator::Css("input#name")).await.unwrap();
+        name.clear().await.unwrap();
+        name.send_keys("Acme Browser Test").await.unwrap();
+        let tl = c.find(Locator::Css("input#time_limit")).await.unwrap();
+        tl.clear().await.unwrap();
+        tl.send_keys("1800").await.unwrap();
+        c.find(Locator::Css("form#settings-form button[type=submit]"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        let notice = wait_for(&c, "p.notice").await;
+        assert_eq!(notice.text().await.unwrap(), "Settings saved.");
+        screenshot(&c, "03-settings-saved").await;
+
+        c.goto(&format!("{}/admin", app.base)).await.unwrap();
+        wait_for(&c, "#dial-whom-url").await;
+        let html = c.source().await.unwrap();
+        assert!(html.contains("Acme Browser Test"));
+        assert!(html.contains("/hooks/exotel/flow/"));
+        screenshot(&c, "04-home").await;
+
+        c.goto(&format!("{}/admin/calls", app.base)).await.unwrap();
+        wait_for(&c, "table#calls").await;
+        screenshot(&c, "05-calls").await;
+        c.find(Locator::Css(&format!("a[href='/admin/calls/{call_id}']")))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        wait_for(&c, "table.attempts").await;
+        let html = c.source().await.unwrap();
+        assert!(html.contains("sidBrowser1"));
+        assert!(html.contains("HTTP 503") || html.contains(">503<"));
+        c.set_window_size(1280, 2200).await.unwrap();
+        screenshot(&c, "06-call-timeline").await;
+
+        // A phone-sized screen.
+        c.set_window_size(390, 844).await.unwrap();
+        c.goto(&format!("{}/admin/calls", app.base)).await.unwrap();
+        wait_for(&c, "table#calls").await;
+        screenshot(&c, "07-calls-phone").await;
+        c.goto(&format!("{}/admin/calls/{call_id}", app.base))
+            .await
+            .unwrap();
+        wait_for(&c, "table.attempts").await;
+        c.set_window_size(390, 1800).await.unwrap();
+        screenshot(&c, "08-call-timeline-phone").await;
+        c.set_window_size(390, 844).await.unwrap();
+        c.goto(&format!("{}/admin/settings", app.base))
+            .await
+            .unwrap();
+        wait_for(&c, "form#settings-form").await;
+        screenshot(&c, "09-settings-phone").await;
+    })
+    .catch_unwind()
+    .await;
+    // Close the browser even when a step failed, then report the failure.
+    let _ = c.close().await;
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+    let name: Option<String> = {
+        use sea_orm::ConnectionTrait;
+        let row = app
+            .state
+            .db
+            .query_one_raw(sea_orm::Statement::from_string(
+                app.state.db.get_database_backend(),
+                "SELECT name FROM tenants".to_owned(),
+            ))
+            .await
+            .unwrap()
+            .unwrap();
+        row.try_get("", "name").unwrap()
+    };
+    assert_eq!(name.as_deref(), Some("Acme Browser Test"));
+}
