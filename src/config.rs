@@ -71,6 +71,15 @@ pub struct Config {
     pub reconcile_max_attempts: i32,
     /// `pretty` or `json`.
     pub log_format: String,
+    /// Where recordings may be fetched from (https only). `exotel.com` allows that host and
+    /// its subdomains; an entry with a path, `host/prefix/`, allows exactly that host under that
+    /// path (an S3 bucket). Env: `CALLBRIDGE_RECORDING_HOSTS='["exotel.com","exotel.in"]'`.
+    pub recording_hosts: Vec<String>,
+    /// Also allow plain-http recording URLs on `127.0.0.1` (tests and the demo simulator only).
+    pub recording_allow_loopback_http: bool,
+    /// Lifetime in seconds of a recording link for tenants that set no policy of their own;
+    /// unset = links never expire (they sit in CRM logs for years).
+    pub recording_link_ttl_secs: Option<u64>,
 }
 
 impl Default for Config {
@@ -103,6 +112,12 @@ impl Default for Config {
             reconcile_per_minute: 60,
             reconcile_max_attempts: 10,
             log_format: "pretty".into(),
+            recording_hosts: crate::recordings::allow::DEFAULT_HOSTS
+                .iter()
+                .map(|h| (*h).to_owned())
+                .collect(),
+            recording_allow_loopback_http: false,
+            recording_link_ttl_secs: None,
         }
     }
 }
@@ -169,6 +184,11 @@ impl Config {
         if self.job_lease_secs <= self.webhook_timeout_secs {
             bail!("CALLBRIDGE_JOB_LEASE_SECS must exceed CALLBRIDGE_WEBHOOK_TIMEOUT_SECS");
         }
+        crate::recordings::allow::AllowList::parse(
+            &self.recording_hosts,
+            self.recording_allow_loopback_http,
+        )
+        .context("CALLBRIDGE_RECORDING_HOSTS")?;
         if let Some(key) = &self.master_key {
             crate::crypto::Sealer::from_base64(key.expose_secret())
                 .context("CALLBRIDGE_MASTER_KEY must be 32 bytes, base64")?;

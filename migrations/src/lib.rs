@@ -11,6 +11,7 @@
 pub use sea_orm_migration::prelude::*;
 
 mod m20261126_000001_create_core;
+mod m20261126_000004_recordings;
 
 /// The list of migrations, in order.
 #[derive(Debug)]
@@ -19,6 +20,9 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(m20261126_000001_create_core::Migration)]
+        vec![
+            Box::new(m20261126_000001_create_core::Migration),
+            Box::new(m20261126_000004_recordings::Migration),
+        ]
     }
 }

@@ -5,6 +5,7 @@
 mod api;
 mod health;
 mod hooks;
+mod recordings;
 
 use std::time::Duration;
 
@@ -24,7 +25,8 @@ pub fn router(state: AppState) -> Router {
     let mut app = Router::new()
         .merge(api::router(&state))
         .merge(hooks::router(&state))
-        .merge(health::router());
+        .merge(health::router())
+        .merge(recordings::router());
     if state.demo.is_some() {
         app = app.merge(crate::demo::router());
     }

@@ -4,4 +4,5 @@
 //! Every scenario runs on SQLite and on PostgreSQL (`both_backends!`).
 
 mod helpers;
+mod recordings;
 mod smoke;
