@@ -102,6 +102,15 @@ pub struct Config {
     pub admin_login_max_failures: i32,
     /// Admin console: length of the login-failure window, in seconds.
     pub admin_login_window_secs: u64,
+    /// Where recordings may be fetched from (https only). `exotel.com` allows that host and
+    /// its subdomains; an entry with a path, `host/prefix/`, allows exactly that host under that
+    /// path (an S3 bucket). Env: `CALLBRIDGE_RECORDING_HOSTS='["exotel.com","exotel.in"]'`.
+    pub recording_hosts: Vec<String>,
+    /// Also allow plain-http recording URLs on `127.0.0.1` (tests and the demo simulator only).
+    pub recording_allow_loopback_http: bool,
+    /// Lifetime in seconds of a recording link for tenants that set no policy of their own;
+    /// unset = links never expire (they sit in CRM logs for years).
+    pub recording_link_ttl_secs: Option<u64>,
 }
 
 impl Default for Config {
@@ -147,6 +156,12 @@ impl Default for Config {
             admin_session_max_secs: 12 * 3600,
             admin_login_max_failures: 5,
             admin_login_window_secs: 15 * 60,
+            recording_hosts: crate::recordings::allow::DEFAULT_HOSTS
+                .iter()
+                .map(|h| (*h).to_owned())
+                .collect(),
+            recording_allow_loopback_http: false,
+            recording_link_ttl_secs: None,
         }
     }
 }
@@ -241,6 +256,11 @@ impl Config {
         if self.admin_login_max_failures < 1 || self.admin_login_window_secs == 0 {
             bail!("CALLBRIDGE_ADMIN_LOGIN_MAX_FAILURES and _WINDOW_SECS must be positive");
         }
+        crate::recordings::allow::AllowList::parse(
+            &self.recording_hosts,
+            self.recording_allow_loopback_http,
+        )
+        .context("CALLBRIDGE_RECORDING_HOSTS")?;
         if let Some(key) = &self.master_key {
             crate::crypto::Sealer::from_base64(key.expose_secret())
                 .context("CALLBRIDGE_MASTER_KEY must be 32 bytes, base64")?;

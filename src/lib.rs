@@ -27,6 +27,7 @@ pub mod masking;
 pub mod metrics;
 pub mod phone;
 pub mod reconcile;
+pub mod recordings;
 pub mod telemetry;
 pub mod tenants;
 
@@ -228,6 +229,8 @@ impl Application {
         if config.public_url.is_none() {
             config.public_url = Some(format!("http://{addr}"));
         }
+        // The simulator serves its recordings over plain http on this process's address.
+        config.recording_allow_loopback_http = true;
         let (state, ingest) = build_state(config, Some(demo::DemoState::default())).await?;
         demo::ensure_demo_tenant(&state).await?;
         Ok(Self {

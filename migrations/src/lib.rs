@@ -13,6 +13,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261126_000001_create_core;
 mod m20261126_000002_masking;
 mod m20261126_000003_admin;
+mod m20261126_000004_recordings;
 
 /// The list of migrations, in order.
 #[derive(Debug)]
@@ -25,6 +26,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261126_000001_create_core::Migration),
             Box::new(m20261126_000002_masking::Migration),
             Box::new(m20261126_000003_admin::Migration),
+            Box::new(m20261126_000004_recordings::Migration),
         ]
     }
 }

@@ -85,6 +85,25 @@ pub enum ExotelError {
     BadResponse(String),
 }
 
+/// Longest a recording body may take to stream (a call lasts at most 4 h, and a browser that
+/// plays while it downloads reads at playback speed).
+pub const RECORDING_TRANSFER_LIMIT: Duration = Duration::from_secs(4 * 3600 + 600);
+
+/// One request for a recording file.
+#[derive(Debug, Clone)]
+pub struct RecordingRequest<'a> {
+    /// `GET` or `HEAD`.
+    pub method: reqwest::Method,
+    /// The (allow-listed) URL.
+    pub url: &'a str,
+    /// Credentials to send; `None` for a pre-signed URL on another origin.
+    pub account: Option<&'a ExotelAccount>,
+    /// The client's `Range`, forwarded.
+    pub range: Option<&'a str>,
+    /// The client's `If-Range`, forwarded.
+    pub if_range: Option<&'a str>,
+}
+
 /// The Exotel client; cheap to clone (one shared connection pool).
 #[derive(Clone, Debug)]
 pub struct ExotelClient {
@@ -207,21 +226,63 @@ impl ExotelClient {
         self.send(req, "check_account").await.map(|_| ())
     }
 
-    /// `GET` a URL on Exotel with the account's credentials (recordings).
+    /// `GET` a recording on Exotel with the account's credentials, forwarding a `Range`.
     ///
     /// # Errors
-    /// Transport failures.
+    /// As [`ExotelClient::fetch_recording`].
     pub async fn get_authenticated(
         &self,
         account: &ExotelAccount,
         url: &str,
+        range: Option<&str>,
     ) -> Result<reqwest::Response, ExotelError> {
-        self.http
-            .get(url)
-            .basic_auth(&account.api_key, Some(account.api_token.expose_secret()))
-            .send()
-            .await
-            .map_err(|e| ExotelError::Transport(e.to_string()))
+        self.fetch_recording(&RecordingRequest {
+            method: reqwest::Method::GET,
+            url,
+            account: Some(account),
+            range,
+            if_range: None,
+        })
+        .await
+    }
+
+    /// Send one recording request (no redirect is followed: the caller checks each hop against
+    /// the allow-list). The response headers must arrive within the Exotel timeout; the body
+    /// may then take up to [`RECORDING_TRANSFER_LIMIT`] to stream.
+    ///
+    /// # Errors
+    /// `Timeout` when no response headers came in time, `Transport` when Exotel could not be
+    /// reached. Any HTTP status is returned as a response, for the caller to map.
+    pub async fn fetch_recording(
+        &self,
+        r: &RecordingRequest<'_>,
+    ) -> Result<reqwest::Response, ExotelError> {
+        let mut req = self
+            .http
+            .request(r.method.clone(), r.url)
+            .timeout(RECORDING_TRANSFER_LIMIT);
+        if let Some(account) = r.account {
+            req = req.basic_auth(&account.api_key, Some(account.api_token.expose_secret()));
+        }
+        if let Some(range) = r.range {
+            req = req.header(reqwest::header::RANGE, range);
+        }
+        if let Some(if_range) = r.if_range {
+            req = req.header(reqwest::header::IF_RANGE, if_range);
+        }
+        let started = Instant::now();
+        let result = tokio::time::timeout(self.timeout, req.send()).await;
+        if let Some(m) = &self.metrics {
+            m.exotel_latency
+                .with_label_values(&["recording"])
+                .observe(started.elapsed().as_secs_f64());
+        }
+        match result {
+            Err(_) => Err(ExotelError::Timeout(self.timeout)),
+            Ok(Err(e)) if e.is_timeout() => Err(ExotelError::Timeout(self.timeout)),
+            Ok(Err(e)) => Err(ExotelError::Transport(without_url(&e))),
+            Ok(Ok(resp)) => Ok(resp),
+        }
     }
 
     async fn send(&self, req: reqwest::RequestBuilder, op: &str) -> Result<Value, ExotelError> {

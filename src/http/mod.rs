@@ -7,6 +7,7 @@ mod flow;
 mod health;
 mod hooks;
 mod sessions;
+mod recordings;
 
 use std::time::Duration;
 
@@ -29,7 +30,8 @@ pub fn router(state: AppState) -> Router {
         .merge(flow::router())
         .merge(sessions::router())
         .merge(health::router())
-        .merge(crate::admin::router(&state));
+        .merge(crate::admin::router(&state))
+        .merge(recordings::router());
     if state.demo.is_some() {
         app = app.merge(crate::demo::router());
     }

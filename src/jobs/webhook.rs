@@ -2,6 +2,10 @@
 //! (`webhook-id` stable across retries, `webhook-timestamp`, `webhook-signature: v1,<base64
 //! HMAC-SHA256 of "{id}.{timestamp}.{body}">` keyed with the base64 part of the `whsec_` secret).
 //!
+//! The body's `data.recording_url` is callbridge's playable link (`/recordings/{token}`, see
+//! [`crate::recordings`]), never Exotel's raw `RecordingUrl`, which has needed the account's
+//! credentials since October 2024.
+//!
 //! Retry policy (Standard Webhooks / Svix practice): every non-2xx answer and every transport
 //! failure is retried with backoff, except `410 Gone`, which means the receiver asks us to stop.
 
@@ -16,6 +20,7 @@ use super::{Claimed, Delivery};
 use crate::{
     AppState, calls,
     entities::{call, tenant},
+    recordings,
 };
 
 /// Sign `body` for `msg_id` at `timestamp` with a `whsec_…` secret.
@@ -85,11 +90,25 @@ pub async fn deliver(state: &AppState, job: &Claimed) -> Delivery {
         Ok(s) => s,
         Err(e) => return permanent(format!("cannot open the webhook secret: {e}")),
     };
+    // Exotel's own RecordingUrl does not play without the tenant's API credentials (private
+    // since October 2024), so deliveries carry callbridge's playable link instead, never the
+    // raw URL.
+    let mut record = calls::record(&c);
+    record.recording_url = match recordings::link_for_call(state, &c).await {
+        Ok(link) => link,
+        Err(e) => {
+            return Delivery::Retry {
+                status: None,
+                error: format!("could not make the recording link: {e:#}"),
+                retry_after: None,
+            };
+        }
+    };
     let now = chrono::Utc::now();
     let body = serde_json::json!({
         "type": "call.completed",
         "timestamp": now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-        "data": calls::record(&c),
+        "data": record,
     });
     let body = serde_json::to_vec(&body).unwrap_or_default();
     let ts = now.timestamp();

@@ -7,4 +7,5 @@ mod admin;
 mod browser;
 mod helpers;
 mod masking;
+mod recordings;
 mod smoke;
