@@ -4,5 +4,7 @@
 //! Every scenario runs on SQLite and on PostgreSQL (`both_backends!`).
 
 mod helpers;
+#[path = "../../src/bin/callbridge-maskbench.rs"]
+mod maskbench;
 mod masking;
 mod smoke;
