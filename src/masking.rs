@@ -1012,7 +1012,7 @@ pub async fn get_session(
         return Ok(None);
     };
     let s = SessionRow::from_row(&row)?;
-    let mut parts = participants_of(db, tenant_id, &[s.id.clone()]).await?;
+    let mut parts = participants_of(db, tenant_id, std::slice::from_ref(&s.id)).await?;
     let p = parts.remove(&s.id).unwrap_or_default();
     Ok(Some(s.view(p, db::now_ms())))
 }

@@ -6,6 +6,8 @@
 //! ```text
 //! cargo run --release --bin callbridge-maskbench -- --sessions 100000 --requests 20000
 //! cargo run --release --bin callbridge-maskbench -- --postgres postgres://postgres@127.0.0.1:5432/test
+//! # the same code through the (unoptimised) test build:
+//! MASKBENCH_ARGS="--sessions 100000" cargo test --test it maskbench -- --ignored --nocapture
 //! ```
 
 use std::time::{Duration, Instant};
@@ -19,7 +21,7 @@ use sea_orm::{ConnectionTrait, Database, Value};
 
 /// Measure dial-whom with many active sessions.
 #[derive(Debug, Parser)]
-struct Args {
+pub(crate) struct Args {
     /// Active sessions to seed.
     #[arg(long, default_value_t = 100_000)]
     sessions: usize,
@@ -57,7 +59,11 @@ fn national(e164: &str) -> String {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    bench(Args::parse()).await
+}
+
+/// Run the benchmark (also reachable from the integration-test build, see tests/it/main.rs).
+pub(crate) async fn bench(args: Args) -> anyhow::Result<()> {
     anyhow::ensure!(
         args.sessions.div_ceil(AGENTS) <= args.pool,
         "--pool must be at least sessions / {AGENTS} so no agent holds a number twice"

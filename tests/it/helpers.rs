@@ -107,6 +107,7 @@ pub struct TestTenant {
 
 /// A config for tests: fixed master key, worker and reconciler off unless a test turns them on
 /// (tests drain the queue with `jobs::run_due` so nothing depends on timing), zero backoff.
+#[allow(clippy::field_reassign_with_default)] // reads as a list of test overrides
 pub async fn test_config(backend: Backend, dir: &std::path::Path) -> Config {
     let database_url = match backend {
         Backend::Sqlite => format!("sqlite://{}?mode=rwc", dir.join("cb.db").display()),

@@ -6,6 +6,8 @@
 mod admin;
 mod browser;
 mod helpers;
+#[path = "../../src/bin/callbridge-maskbench.rs"]
+mod maskbench;
 mod masking;
 mod recordings;
 mod cli;

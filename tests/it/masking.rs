@@ -1037,3 +1037,18 @@ async fn sessions_can_be_listed_extended_and_closed_per_tenant(backend: Backend)
     .await;
     assert_eq!(s, 404);
 }
+
+/// The dial-whom benchmark (`src/bin/callbridge-maskbench.rs`) through the test build; run with
+/// `--ignored --nocapture`, arguments in `MASKBENCH_ARGS` (e.g. `--sessions 100000 --postgres
+/// postgres://postgres@127.0.0.1:5432/test`). It asserts every answer, never a timing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run explicitly"]
+async fn maskbench() {
+    use clap::Parser;
+    let extra = std::env::var("MASKBENCH_ARGS").unwrap_or_default();
+    let args =
+        std::iter::once("maskbench".to_owned()).chain(extra.split_whitespace().map(str::to_owned));
+    crate::maskbench::bench(crate::maskbench::Args::parse_from(args))
+        .await
+        .unwrap();
+}
