@@ -108,27 +108,29 @@ pub struct TestTenant {
 /// A config for tests: fixed master key, worker and reconciler off unless a test turns them on
 /// (tests drain the queue with `jobs::run_due` so nothing depends on timing), zero backoff.
 pub async fn test_config(backend: Backend, dir: &std::path::Path) -> Config {
-    let mut c = Config::default();
-    c.database_url = match backend {
+    let database_url = match backend {
         Backend::Sqlite => format!("sqlite://{}?mode=rwc", dir.join("cb.db").display()),
         Backend::Postgres => fresh_pg_database().await,
     };
-    c.bind = "127.0.0.1:0".parse().unwrap();
-    c.master_key = Some(
-        base64::engine::general_purpose::STANDARD
-            .encode([42u8; 32])
-            .into(),
-    );
-    c.db_max_connections = 4;
-    c.worker_enabled = false;
-    c.reconcile_enabled = false;
-    c.job_backoff_base_secs = 0;
-    c.job_backoff_max_secs = 0;
-    c.job_max_attempts = 5;
-    c.webhook_timeout_secs = 5;
-    c.job_lease_secs = 30;
-    c.exotel_timeout_secs = 3;
-    c
+    Config {
+        database_url,
+        bind: "127.0.0.1:0".parse().unwrap(),
+        master_key: Some(
+            base64::engine::general_purpose::STANDARD
+                .encode([42u8; 32])
+                .into(),
+        ),
+        db_max_connections: 4,
+        worker_enabled: false,
+        reconcile_enabled: false,
+        job_backoff_base_secs: 0,
+        job_backoff_max_secs: 0,
+        job_max_attempts: 5,
+        webhook_timeout_secs: 5,
+        job_lease_secs: 30,
+        exotel_timeout_secs: 3,
+        ..Config::default()
+    }
 }
 
 impl TestApp {
@@ -393,4 +395,255 @@ pub fn guide_callback(sid: &str) -> Value {
         {"OnCallDuration": 32, "Status": "completed"}
       ]
     })
+}
+
+/// A fake Exotel `Calls/connect` answer with a fresh `Call.Sid` (`{prefix}{n}`) per request, so
+/// several calls of one tenant get distinct sids (Exotel never reuses one).
+pub struct SequentialSid {
+    prefix: String,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl wiremock::Respond for SequentialSid {
+    fn respond(&self, _req: &wiremock::Request) -> ResponseTemplate {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let sid = format!("{}{n:04}", self.prefix);
+        ResponseTemplate::new(200).set_body_json(serde_json::json!({
+            "Call": {"Sid": sid, "Status": "in-progress", "AccountSid": "acme1",
+                     "Uri": format!("/v1/Accounts/acme1/Calls/{sid}.json")}
+        }))
+    }
+}
+
+/// A placed call as the tests need it.
+#[derive(Debug, Clone)]
+pub struct PlacedCall {
+    /// Our call id.
+    pub id: String,
+    /// The StatusCallback URL handed to Exotel.
+    pub url: String,
+    /// Exotel's CallSid.
+    pub sid: String,
+}
+
+/// The `(name, value)` pairs and `Content-Type` of a multipart/form-data body.
+pub fn multipart(fields: &[(&str, &str)]) -> (String, String) {
+    let boundary = "----callbridgeTestBoundary7MA4YWxkTrZu0gW";
+    let mut body = String::new();
+    for (k, v) in fields {
+        body.push_str(&format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"{k}\"\r\n\r\n{v}\r\n"
+        ));
+    }
+    body.push_str(&format!("--{boundary}--\r\n"));
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+/// Verify a Standard Webhooks signature independently of the app's signer: HMAC-SHA256 over
+/// `"{id}.{timestamp}.{body}"`, keyed with the base64-decoded part after `whsec_`.
+pub fn standard_webhooks_valid(
+    secret: &str,
+    id: &str,
+    timestamp: &str,
+    body: &[u8],
+    sig_header: &str,
+) -> bool {
+    use hmac::{Hmac, Mac};
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(secret.strip_prefix("whsec_").expect("whsec_ secret"))
+        .expect("secret is base64");
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+    mac.update(format!("{id}.{timestamp}.").as_bytes());
+    mac.update(body);
+    let expected = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    // The header may carry several space-separated signatures.
+    sig_header
+        .split(' ')
+        .any(|s| s.strip_prefix("v1,") == Some(expected.as_str()))
+}
+
+/// Poll `check` every 50 ms until it holds or `limit` passes; returns whether it held.
+pub async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl TestApp {
+    /// Create a tenant like [`TestApp::tenant`], adjusted by `tweak` (no caller id, another
+    /// webhook URL …).
+    pub async fn tenant_with(&self, tweak: impl FnOnce(&mut tenants::NewTenant)) -> TestTenant {
+        let mut new = tenants::NewTenant {
+            name: "Acme".into(),
+            exotel_sid: "acme1".into(),
+            exotel_api_key: "key123".into(),
+            exotel_api_token: "token456".into(),
+            exotel_api_base: Some(self.exotel.uri()),
+            caller_id: Some("+918047112233".into()),
+            webhook_url: Some(format!("{}/hook", self.receiver.uri())),
+            default_region: None,
+        };
+        tweak(&mut new);
+        let created = tenants::create(
+            &self.state.db,
+            &self.state.sealer,
+            &self.state.public_base,
+            "IN",
+            new,
+        )
+        .await
+        .expect("tenant created");
+        TestTenant {
+            id: created.tenant_id.clone(),
+            api_key: created.api_key.clone(),
+            webhook_secret: created.webhook_secret.clone(),
+            created,
+        }
+    }
+
+    /// Make the fake Exotel accept every connect with a fresh sid `{prefix}0000`, `{prefix}0001` ….
+    pub async fn exotel_accepts_many(&self, prefix: &str) {
+        Mock::given(matchers::method("POST"))
+            .and(matchers::path_regex(
+                r"^/v1/Accounts/[^/]+/Calls/connect\.json$",
+            ))
+            .respond_with(SequentialSid {
+                prefix: prefix.to_owned(),
+                next: std::sync::atomic::AtomicUsize::new(0),
+            })
+            .mount(&self.exotel)
+            .await;
+    }
+
+    /// Make the fake Exotel refuse connects with `status` and a JSON RestException.
+    pub async fn exotel_refuses(&self, status: u16, message: &str) {
+        Mock::given(matchers::method("POST"))
+            .and(matchers::path_regex(
+                r"^/v1/Accounts/[^/]+/Calls/connect\.json$",
+            ))
+            .respond_with(
+                ResponseTemplate::new(status).set_body_json(serde_json::json!({
+                    "RestException": {"Status": status, "Message": message}
+                })),
+            )
+            .mount(&self.exotel)
+            .await;
+    }
+
+    /// Place a call from the agent `+919876543210` to `to`; returns id, callback URL and sid.
+    pub async fn place(&self, t: &TestTenant, to: &str) -> PlacedCall {
+        let r = self
+            .post_call(
+                &t.api_key,
+                serde_json::json!({"from": "+919876543210", "to": to}),
+            )
+            .await;
+        assert_eq!(r.status(), 201, "{}", r.text().await.unwrap_or_default());
+        let body: Value = r.json().await.unwrap();
+        let id = body["id"].as_str().unwrap().to_owned();
+        let sid = body["exotel_call_sid"].as_str().unwrap().to_owned();
+        let url = self
+            .connect_requests()
+            .await
+            .into_iter()
+            .filter_map(|form| {
+                let mine = form.iter().any(|(k, v)| k == "CustomField" && *v == id);
+                mine.then(|| {
+                    form.iter()
+                        .find(|(k, _)| k == "StatusCallback")
+                        .map(|(_, v)| v.clone())
+                })
+                .flatten()
+            })
+            .next()
+            .expect("the connect for this call");
+        PlacedCall { id, url, sid }
+    }
+
+    /// GET a call's API view.
+    pub async fn view(&self, t: &TestTenant, id: &str) -> Value {
+        let r = self.get(&t.api_key, &format!("/api/v1/calls/{id}")).await;
+        assert_eq!(r.status(), 200);
+        r.json().await.unwrap()
+    }
+
+    /// Rows of a raw query (`?` placeholders) as JSON objects.
+    pub async fn rows(&self, sql: &str, values: Vec<sea_orm::Value>) -> Vec<Value> {
+        use sea_orm::FromQueryResult;
+        let backend = self.state.db.get_database_backend();
+        sea_orm::JsonValue::find_by_statement(callbridge::db::stmt(backend, sql, values))
+            .all(&self.state.db)
+            .await
+            .unwrap()
+    }
+
+    /// A single integer (`SELECT COUNT(*) AS n …`) from a raw query (`?` placeholders).
+    pub async fn scalar(&self, sql: &str, values: Vec<sea_orm::Value>) -> i64 {
+        let backend = self.state.db.get_database_backend();
+        self.state
+            .db
+            .query_one_raw(callbridge::db::stmt(backend, sql, values))
+            .await
+            .unwrap()
+            .expect("one row")
+            .try_get("", "n")
+            .unwrap()
+    }
+
+    /// Run a raw statement (`?` placeholders); returns rows affected.
+    pub async fn exec(&self, sql: &str, values: Vec<sea_orm::Value>) -> u64 {
+        let backend = self.state.db.get_database_backend();
+        self.state
+            .db
+            .execute_raw(callbridge::db::stmt(backend, sql, values))
+            .await
+            .unwrap()
+            .rows_affected()
+    }
+
+    /// The whole `calls` row of a call, for before/after comparisons.
+    pub async fn call_row(&self, id: &str) -> Value {
+        self.rows("SELECT * FROM calls WHERE id = ?", vec![id.into()])
+            .await
+            .pop()
+            .expect("call row")
+    }
+
+    /// Every job row, oldest first.
+    pub async fn jobs(&self) -> Vec<Value> {
+        self.rows("SELECT * FROM jobs ORDER BY id", vec![]).await
+    }
+
+    /// Every request the receiver got on `/hook`, raw.
+    pub async fn raw_deliveries(&self) -> Vec<wiremock::Request> {
+        self.receiver
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| r.url.path() == "/hook")
+            .collect()
+    }
+
+    /// Every request the fake Exotel got for call details.
+    pub async fn details_requests(&self) -> Vec<wiremock::Request> {
+        self.exotel
+            .received_requests()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| r.method.as_str() == "GET" && r.url.path().contains("/Calls/"))
+            .collect()
+    }
 }

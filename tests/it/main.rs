@@ -3,5 +3,12 @@
 //! End-to-end tests of the host over HTTP against fake Exotel and fake receivers on loopback.
 //! Every scenario runs on SQLite and on PostgreSQL (`both_backends!`).
 
+mod cli;
+mod click_to_call;
+mod delivery;
 mod helpers;
+mod isolation;
+mod ops;
+mod reconcile;
 mod smoke;
+mod status_callback;
