@@ -12,8 +12,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::CrmRecordRef;
 
-/// An inbound HTTP request, as the host received it.
-#[derive(Debug, Clone)]
+/// An inbound HTTP request, as the host received it. Its `Debug` shows the method, header
+/// names and body length only: headers, query and body may carry tokens.
+#[derive(Clone)]
 pub struct InboundRequest {
     /// The method.
     pub method: Method,
@@ -23,6 +24,16 @@ pub struct InboundRequest {
     pub query: Option<String>,
     /// The body.
     pub body: Bytes,
+}
+
+impl std::fmt::Debug for InboundRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InboundRequest")
+            .field("method", &self.method)
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("body_len", &self.body.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl InboundRequest {
@@ -113,6 +124,21 @@ mod tests {
         assert_eq!(q[1], ("token".into(), "a+b".into()));
         assert_eq!(q[2], ("x".into(), String::new()));
         assert_eq!(r.header("authorization"), None);
+    }
+
+    #[test]
+    fn debug_output_hides_credentials() {
+        let mut headers = HeaderMap::new();
+        headers.insert("authorization", "Bearer s3cret".parse().unwrap());
+        let r = InboundRequest {
+            method: Method::POST,
+            headers,
+            query: Some("token=q-s3cret".into()),
+            body: Bytes::from_static(b"{\"token\":\"b-s3cret\"}"),
+        };
+        let shown = format!("{r:?}");
+        assert!(shown.contains("authorization"), "{shown}");
+        assert!(!shown.contains("s3cret"), "{shown}");
     }
 
     #[test]

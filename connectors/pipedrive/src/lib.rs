@@ -385,9 +385,9 @@ impl Connector for Pipedrive {
         }
     }
 
-    fn verify_click<'a>(
+    fn verify_click(
         &self,
-        _install: Option<&'a InstallContext>,
+        _install: Option<&InstallContext>,
         request: &InboundRequest,
         now: DateTime<Utc>,
     ) -> Result<VerifiedClick, ClickError> {

@@ -290,7 +290,7 @@ fn call() -> CallRecord {
     }
 }
 
-fn created(id: Value) -> ResponseTemplate {
+fn created(id: &Value) -> ResponseTemplate {
     ResponseTemplate::new(201).set_body_json(json!({"success": true, "data": {
         "id": id, "outcome": "connected", "has_recording": false, "company_id": 987}}))
 }
@@ -301,7 +301,7 @@ async fn log_call_posts_the_documented_fields() {
     Mock::given(method("POST"))
         .and(path("/api/v1/callLogs"))
         .and(header("authorization", "Bearer v1u:AQ-token"))
-        .respond_with(created(json!("5f2b-log")))
+        .respond_with(created(&json!("5f2b-log")))
         .expect(1)
         .mount(&f.api)
         .await;
@@ -348,7 +348,7 @@ async fn a_lead_is_sent_as_its_uuid_and_never_with_a_deal() {
     let f = fake().await;
     Mock::given(method("POST"))
         .and(path("/api/v1/callLogs"))
-        .respond_with(created(json!(77)))
+        .respond_with(created(&json!(77)))
         .mount(&f.api)
         .await;
     let mut c = call();
@@ -666,7 +666,7 @@ fn jwt(claims: &Value, secret: &str) -> String {
     .unwrap()
 }
 
-fn click(token: Option<&str>, body: Value) -> InboundRequest {
+fn click(token: Option<&str>, body: &Value) -> InboundRequest {
     let mut headers = http::HeaderMap::new();
     if let Some(t) = token {
         headers.insert("authorization", format!("Bearer {t}").parse().unwrap());
@@ -693,7 +693,7 @@ async fn a_signed_click_becomes_a_dial_request() {
             None,
             &click(
                 Some(&t),
-                json!({"context": {"invoker": "user",
+                &json!({"context": {"invoker": "user",
             "phone": "+91 98765 43210", "personId": 7, "dealId": 45}}),
             ),
             now,
@@ -723,7 +723,7 @@ async fn a_signed_click_becomes_a_dial_request() {
         .connector
         .verify_click(
             None,
-            &click(None, json!({"token": t, "number": "+15550001111"})),
+            &click(None, &json!({"token": t, "number": "+15550001111"})),
             now,
         )
         .unwrap();
@@ -746,7 +746,7 @@ async fn expired_or_foreign_clicks_are_refused() {
     );
     for t in [Some(expired.as_str()), Some(foreign.as_str()), None] {
         assert!(matches!(
-            f.connector.verify_click(None, &click(t, ctx.clone()), now),
+            f.connector.verify_click(None, &click(t, &ctx), now),
             Err(ClickError::Unauthorized(_))
         ));
     }
@@ -756,7 +756,7 @@ async fn expired_or_foreign_clicks_are_refused() {
     );
     assert!(matches!(
         f.connector
-            .verify_click(None, &click(Some(&good), json!({"personId": 3})), now),
+            .verify_click(None, &click(Some(&good), &json!({"personId": 3})), now),
         Err(ClickError::Malformed(_))
     ));
 }
@@ -774,7 +774,7 @@ async fn a_separate_jwt_secret_is_used_when_configured() {
     assert!(
         c.verify_click(
             None,
-            &click(Some(&t), json!({"phone": "+15550001111"})),
+            &click(Some(&t), &json!({"phone": "+15550001111"})),
             now
         )
         .is_ok()
@@ -786,7 +786,7 @@ async fn a_separate_jwt_secret_is_used_when_configured() {
     assert!(
         c.verify_click(
             None,
-            &click(Some(&t), json!({"phone": "+15550001111"})),
+            &click(Some(&t), &json!({"phone": "+15550001111"})),
             now
         )
         .is_err()
@@ -797,7 +797,7 @@ async fn a_separate_jwt_secret_is_used_when_configured() {
 async fn pipedrives_uninstall_callback_is_verified() {
     let f = fake().await;
     let body = json!({"client_id": CLIENT_ID, "company_id": 456, "user_id": 123, "timestamp": "2026-05-04T09:15:02.000Z"});
-    let mut req = click(None, body);
+    let mut req = click(None, &body);
     req.method = http::Method::DELETE;
     assert!(matches!(
         f.connector.verify_uninstall(&req),
