@@ -666,6 +666,10 @@ async fn calls_list_filters(backend: Backend) {
     let (done, url) = app.place_call(&t, "+919800000001").await;
     app.callback(&url, "application/json", guide_callback("sidA").to_string())
         .await;
+    // Exotel gives every call its own sid.
+    app.exotel.reset().await;
+    app.exotel_accepts("sidB").await;
+    exotel_refuses(&app, "+919800000003", "To is not a valid number").await;
     let (open, _) = app.place_call(&t, "+919800000002").await;
     let r = app
         .post_call(

@@ -142,6 +142,8 @@ async fn admin_console_in_headless_chromium() {
     )
     .await;
     app.drain_jobs().await;
+    app.exotel.reset().await;
+    app.exotel_accepts("sidBrowser2").await;
     let _open = app.place_call(&t, "+919812340000").await;
 
     let c = browser(&driver).await;
