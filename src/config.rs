@@ -261,6 +261,11 @@ impl Config {
             self.recording_allow_loopback_http,
         )
         .context("CALLBRIDGE_RECORDING_HOSTS")?;
+        if let Some(ttl) = self.recording_link_ttl_secs
+            && !(1..=crate::recordings::MAX_TTL_SECS).contains(&ttl)
+        {
+            bail!("CALLBRIDGE_RECORDING_LINK_TTL_SECS must be 1 to ten years in seconds, or unset");
+        }
         if let Some(key) = &self.master_key {
             crate::crypto::Sealer::from_base64(key.expose_secret())
                 .context("CALLBRIDGE_MASTER_KEY must be 32 bytes, base64")?;

@@ -26,7 +26,7 @@ pub(super) fn router() -> Router<AppState> {
     )
 }
 
-fn gone(detail: String) -> Response {
+fn gone(detail: &str) -> Response {
     (
         StatusCode::GONE,
         Json(json!({"code": "gone", "detail": detail})),
@@ -53,11 +53,11 @@ async fn play(
     };
     match resolved {
         Resolved::Unknown => ApiError::NotFound("no such recording link".into()).into_response(),
-        Resolved::Revoked(at) => gone(format!(
+        Resolved::Revoked(at) => gone(&format!(
             "this recording link was revoked at {}",
             rfc3339(at)
         )),
-        Resolved::Expired(at) => gone(format!("this recording link expired at {}", rfc3339(at))),
+        Resolved::Expired(at) => gone(&format!("this recording link expired at {}", rfc3339(at))),
         Resolved::Live { tenant, call } => {
             match proxy::play(&state, &tenant, &call, &method, &headers).await {
                 Ok(r) => r,
