@@ -343,7 +343,7 @@ pub(super) async fn timeline(
         .legs
         .iter()
         .map(|l| LegRow {
-            party: serde_json::to_value(&l.party)
+            party: serde_json::to_value(l.party)
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_owned))
                 .unwrap_or_default(),

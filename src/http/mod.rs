@@ -6,8 +6,8 @@ mod api;
 mod flow;
 mod health;
 mod hooks;
-mod sessions;
 mod recordings;
+mod sessions;
 
 use std::time::Duration;
 

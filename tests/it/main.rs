@@ -5,16 +5,16 @@
 
 mod admin;
 mod browser;
-mod helpers;
-#[path = "../../src/bin/callbridge-maskbench.rs"]
-mod maskbench;
-mod masking;
-mod recordings;
 mod cli;
 mod click_to_call;
 mod delivery;
+mod helpers;
 mod isolation;
+#[path = "../../src/bin/callbridge-maskbench.rs"]
+mod maskbench;
+mod masking;
 mod ops;
 mod reconcile;
+mod recordings;
 mod smoke;
 mod status_callback;
