@@ -347,7 +347,7 @@ pub async fn remove_number(
     if deleted.is_none() {
         return Err(ApiError::NotFound(format!("{number} is not in the pool")));
     }
-    let expired = expire_where(
+    expire_where(
         &txn,
         backend,
         "tenant_id = ? AND virtual_number = ?",
@@ -355,7 +355,6 @@ pub async fn remove_number(
         now,
     )
     .await?;
-    release(&txn, backend, &expired, "expired", now).await?;
     let open = txn
         .query_one_raw(stmt(
             backend,
@@ -610,7 +609,8 @@ fn validate_new(
     Ok((mode.to_owned(), ttl, parties))
 }
 
-/// Close the open sessions matching `filter` whose expiry has passed; returns their ids.
+/// Close the open sessions matching `filter` whose expiry has passed and release their routing
+/// keys (recording the cool-off); returns their ids.
 async fn expire_where(
     txn: &DatabaseTransaction,
     backend: DbBackend,
@@ -631,7 +631,12 @@ async fn expire_where(
             all,
         ))
         .await?;
-    rows.iter().map(|r| r.try_get("", "id")).collect()
+    let ids = rows
+        .iter()
+        .map(|r| r.try_get("", "id"))
+        .collect::<Result<Vec<String>, DbErr>>()?;
+    release(txn, backend, &ids, "expired", now).await?;
+    Ok(ids)
 }
 
 /// Release the routing keys of `ids` (recording the cool-off) and mark them closed.
@@ -720,7 +725,7 @@ pub async fn create_session(
 
     // First statement writes (SQLite holds the write lock from here): expired sessions of these
     // participants give their pairs back before we look for a free number.
-    let expired = expire_where(
+    expire_where(
         &txn,
         backend,
         "tenant_id = ? AND id IN (SELECT session_id FROM masking_allocations \
@@ -734,7 +739,6 @@ pub async fn create_session(
         now,
     )
     .await?;
-    release(&txn, backend, &expired, "expired", now).await?;
 
     let pool_size = txn
         .query_one_raw(stmt(
@@ -1077,7 +1081,7 @@ pub async fn close_session(
     let backend = backend_of(db);
     let txn = db::begin_write(db).await?;
     let now = db::now_ms();
-    let expired = expire_where(
+    expire_where(
         &txn,
         backend,
         "tenant_id = ? AND id = ?",
@@ -1085,7 +1089,6 @@ pub async fn close_session(
         now,
     )
     .await?;
-    release(&txn, backend, &expired, "expired", now).await?;
     let open = txn
         .query_one_raw(stmt(
             backend,
@@ -1167,7 +1170,7 @@ pub async fn update_session(
     };
     let updated = txn.query_one_raw(stmt(backend, &sql, values)).await?;
     if updated.is_none() {
-        let expired = expire_where(
+        expire_where(
             &txn,
             backend,
             "tenant_id = ? AND id = ?",
@@ -1175,7 +1178,6 @@ pub async fn update_session(
             now,
         )
         .await?;
-        release(&txn, backend, &expired, "expired", now).await?;
         let exists = get_session(&txn, tenant_id, id).await?;
         txn.commit().await?;
         return Err(match exists {
@@ -1210,7 +1212,6 @@ pub async fn sweep_expired(db: &DatabaseConnection) -> Result<usize, DbErr> {
             now,
         )
         .await?;
-        release(&txn, backend, &ids, "expired", now).await?;
         txn.commit().await?;
         total += ids.len();
         if ids.len() < SWEEP_BATCH {
