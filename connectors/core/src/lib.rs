@@ -209,6 +209,21 @@ pub trait Connector: Send + Sync {
         tokens: &StoredTokens,
     ) -> Result<(), ConnectorError>;
 
+    /// The CRM account (company, org, subdomain) a fresh token belongs to, asked once at
+    /// install. The host routes clicks and CRM-initiated uninstalls by it and refuses to
+    /// connect one CRM account to two tenants. `None` when the CRM has no such notion.
+    ///
+    /// # Errors
+    /// A classified [`ConnectorError`].
+    async fn account_id(
+        &self,
+        install: &InstallContext,
+        token: &AccessToken,
+    ) -> Result<Option<String>, ConnectorError> {
+        let _ = (install, token);
+        Ok(None)
+    }
+
     /// Verify a click relayed from the CRM's UI (or posted by the CRM) and turn it into what
     /// to dial. `install` is given when the request's URL already identifies one (Zoho's
     /// per-user click-to-dial URL); otherwise the connector reports the account it came from.
@@ -297,6 +312,24 @@ pub trait Connector: Send + Sync {
         token: &AccessToken,
         e164: &str,
     ) -> Result<Vec<ContactMatch>, ConnectorError>;
+
+    /// Create a contact (or lead) for a number no record carries, for installations whose
+    /// admins chose "create a contact for unknown numbers". Never called by a lookup.
+    ///
+    /// # Errors
+    /// A classified [`ConnectorError`]; the default is [`ConnectorError::Unsupported`].
+    async fn create_contact(
+        &self,
+        install: &InstallContext,
+        token: &AccessToken,
+        e164: &str,
+    ) -> Result<CrmRecordRef, ConnectorError> {
+        let _ = (install, token, e164);
+        Err(ConnectorError::Unsupported(format!(
+            "{} cannot create contacts",
+            self.name()
+        )))
+    }
 
     /// The CRM's users, for mapping them to agent phones.
     ///
@@ -496,6 +529,7 @@ mod mock_tests {
             legs: vec![],
             recording_url: None,
             crm_record: None,
+            related_records: vec![],
             crm_user_id: None,
             custom_field: None,
         };

@@ -89,6 +89,10 @@ pub struct CallRecord {
     pub recording_url: Option<String>,
     /// The CRM record the call belongs to, when known.
     pub crm_record: Option<CrmRecordRef>,
+    /// Other records the call concerns (the person of a clicked deal, its organization), most
+    /// specific first; CRMs whose logs link several record kinds use them.
+    #[serde(default)]
+    pub related_records: Vec<CrmRecordRef>,
     /// The CRM user who placed or took the call, when known.
     pub crm_user_id: Option<String>,
     /// The caller's own correlation string (`custom_field` on the API).

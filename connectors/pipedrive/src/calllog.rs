@@ -20,7 +20,9 @@
 //! `organization`/`org` → `org_id`; a [`CallRecord`] names one record, so `deal_id` and
 //! `lead_id` are never both sent.
 
-use callbridge_connector::{CallRecord, ConnectorError, Direction, LegRecord, Outcome, Party};
+use callbridge_connector::{
+    CallRecord, ConnectorError, CrmRecordRef, Direction, LegRecord, Outcome, Party,
+};
 use chrono::{DateTime, Duration, Utc};
 use html_escape::{encode_double_quoted_attribute, encode_text};
 use serde_json::{Map, Value, json};
@@ -73,23 +75,43 @@ pub fn call_log_body(call: &CallRecord) -> Result<Value, ConnectorError> {
         body.insert("user_id".into(), json!(numeric_id("user", user)?));
     }
     if let Some(record) = &call.crm_record {
-        let (field, value) = match record.object_type.to_ascii_lowercase().as_str() {
-            "person" => ("person_id", json!(numeric_id("person", &record.id)?)),
-            "deal" => ("deal_id", json!(numeric_id("deal", &record.id)?)),
-            "organization" | "org" => ("org_id", json!(numeric_id("organization", &record.id)?)),
-            "lead" if !record.id.trim().is_empty() => ("lead_id", json!(record.id.trim())),
-            other => {
-                return Err(ConnectorError::Permanent(format!(
-                    "a Pipedrive call log cannot link a {other} record ({:?})",
-                    record.id
-                )));
-            }
-        };
+        let (field, value) = record_field(record)?;
         body.insert(field.into(), value);
+    }
+    // The clicked deal's person and organization too, where they fit: one value per field,
+    // and never a lead beside a deal (Pipedrive takes one of them).
+    for related in &call.related_records {
+        let Ok((field, value)) = record_field(related) else {
+            continue;
+        };
+        let clash = match field {
+            "deal_id" => body.contains_key("lead_id"),
+            "lead_id" => body.contains_key("deal_id"),
+            _ => false,
+        };
+        if !clash && !body.contains_key(field) {
+            body.insert(field.into(), value);
+        }
     }
     body.insert("subject".into(), json!(subject(call)));
     body.insert("note".into(), json!(note(call)));
     Ok(Value::Object(body))
+}
+
+/// The call-log field that links `record`.
+fn record_field(record: &CrmRecordRef) -> Result<(&'static str, Value), ConnectorError> {
+    Ok(match record.object_type.to_ascii_lowercase().as_str() {
+        "person" => ("person_id", json!(numeric_id("person", &record.id)?)),
+        "deal" => ("deal_id", json!(numeric_id("deal", &record.id)?)),
+        "organization" | "org" => ("org_id", json!(numeric_id("organization", &record.id)?)),
+        "lead" if !record.id.trim().is_empty() => ("lead_id", json!(record.id.trim())),
+        other => {
+            return Err(ConnectorError::Permanent(format!(
+                "a Pipedrive call log cannot link a {other} record ({:?})",
+                record.id
+            )));
+        }
+    })
 }
 
 fn numeric_id(what: &str, id: &str) -> Result<i64, ConnectorError> {
@@ -190,8 +212,6 @@ pub fn note(call: &CallRecord) -> String {
 
 #[cfg(test)]
 mod tests {
-    use callbridge_connector::CrmRecordRef;
-
     use super::*;
 
     pub(crate) fn record() -> CallRecord {
@@ -210,9 +230,32 @@ mod tests {
             legs: vec![],
             recording_url: None,
             crm_record: None,
+            related_records: vec![],
             crm_user_id: None,
             custom_field: None,
         }
+    }
+
+    #[test]
+    fn a_clicked_deal_also_links_its_person_but_never_a_lead() {
+        let rec = |t: &str, id: &str| CrmRecordRef {
+            object_type: t.into(),
+            id: id.into(),
+        };
+        let mut c = record();
+        c.crm_record = Some(rec("deal", "9"));
+        c.related_records = vec![
+            rec("lead", "adf21080-0e10-11eb-879b-05d71fb426ec"),
+            rec("person", "55"),
+            rec("organization", "3"),
+            rec("person", "56"),
+            rec("ticket", "x"),
+        ];
+        let b = call_log_body(&c).unwrap();
+        assert_eq!(b["deal_id"], 9);
+        assert_eq!(b["person_id"], 55, "the first person wins");
+        assert_eq!(b["org_id"], 3);
+        assert!(b.get("lead_id").is_none(), "never a lead beside a deal");
     }
 
     #[test]

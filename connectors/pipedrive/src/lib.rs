@@ -507,6 +507,32 @@ impl Connector for Pipedrive {
         Ok(found)
     }
 
+    /// `GET /api/v1/users/me` → `data.company_id` (the id app-extension JWTs and the
+    /// uninstall callback carry).
+    async fn account_id(
+        &self,
+        install: &InstallContext,
+        token: &AccessToken,
+    ) -> Result<Option<String>, ConnectorError> {
+        let json = self
+            .call(
+                self.http
+                    .get(Self::url(install, "/api/v1/users/me"))
+                    .bearer_auth(&token.0),
+            )
+            .await?;
+        let id = match json.pointer("/data/company_id") {
+            Some(Value::Number(n)) => n.to_string(),
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            _ => {
+                return Err(ConnectorError::Permanent(
+                    "Pipedrive's /users/me has no data.company_id".into(),
+                ));
+            }
+        };
+        Ok(Some(id))
+    }
+
     async fn list_users(
         &self,
         install: &InstallContext,

@@ -285,6 +285,7 @@ fn call() -> CallRecord {
             object_type: "deal".into(),
             id: "45".into(),
         }),
+        related_records: vec![],
         crm_user_id: Some("123".into()),
         custom_field: None,
     }
@@ -548,6 +549,47 @@ async fn users_are_listed_for_mapping() {
     assert_eq!(users[0].id, "123");
     assert_eq!(users[0].email.as_deref(), Some("priya@acme.example"));
     assert_eq!(users[0].phone.as_deref(), Some("+918012345678"));
+}
+
+#[tokio::test]
+async fn the_company_id_comes_from_users_me() {
+    let f = fake().await;
+    Mock::given(method("GET"))
+        .and(path("/api/v1/users/me"))
+        .and(header("authorization", "Bearer v1u:AQ-token"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"success": true, "data": {
+                "id": 123, "name": "Priya", "company_id": 7788, "company_name": "Acme",
+                "company_domain": "acme"
+            }})),
+        )
+        .expect(1)
+        .mount(&f.api)
+        .await;
+    let id = f
+        .connector
+        .account_id(&f.install(), &token())
+        .await
+        .unwrap();
+    assert_eq!(id.as_deref(), Some("7788"));
+}
+
+#[tokio::test]
+async fn users_me_without_a_company_is_an_error() {
+    let f = fake().await;
+    Mock::given(method("GET"))
+        .and(path("/api/v1/users/me"))
+        .respond_with(
+            ResponseTemplate::new(200).set_body_json(json!({"success": true, "data": {"id": 1}})),
+        )
+        .mount(&f.api)
+        .await;
+    let err = f
+        .connector
+        .account_id(&f.install(), &token())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ConnectorError::Permanent(_)), "{err:?}");
 }
 
 async fn users_error(template: ResponseTemplate) -> ConnectorError {
