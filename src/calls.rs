@@ -251,8 +251,16 @@ pub fn record(c: &call::Model) -> CallRecord {
         conversation_duration: conversation,
         legs,
         recording_url: c.recording_url.clone(),
-        crm_record: None,
-        crm_user_id: None,
+        crm_record: c
+            .crm_record
+            .as_deref()
+            .and_then(|r| serde_json::from_str(r).ok()),
+        related_records: c
+            .crm_related
+            .as_deref()
+            .and_then(|r| serde_json::from_str(r).ok())
+            .unwrap_or_default(),
+        crm_user_id: c.crm_user_id.clone(),
         custom_field: c.custom_field.clone(),
     }
 }
@@ -341,6 +349,33 @@ pub async fn place(
     state: &AppState,
     t: &tenant::Model,
     req: PlaceCall,
+) -> Result<Placed, ApiError> {
+    place_with(state, t, req, None).await
+}
+
+/// The CRM a call is placed from (a verified click): where its write-back goes.
+#[derive(Debug, Clone)]
+pub struct CrmLink {
+    /// The installation the click came through.
+    pub installation_id: String,
+    /// The record the agent clicked on.
+    pub record: Option<callbridge_connector::CrmRecordRef>,
+    /// Other records of the click (the deal's person …).
+    pub related: Vec<callbridge_connector::CrmRecordRef>,
+    /// The clicking agent's CRM user id.
+    pub crm_user_id: String,
+}
+
+/// [`place`], with the CRM the click came from. Without one, a call whose agent (`from`) is
+/// mapped to a user of an installed CRM is written back there.
+///
+/// # Errors
+/// As [`place`].
+pub async fn place_with(
+    state: &AppState,
+    t: &tenant::Model,
+    req: PlaceCall,
+    crm: Option<CrmLink>,
 ) -> Result<Placed, ApiError> {
     let region = t.default_region.as_str();
     let from = phone::to_e164(&req.from, region)
@@ -442,6 +477,30 @@ pub async fn place(
         ],
     ))
     .await?;
+    match &crm {
+        Some(link) => {
+            txn.execute_raw(stmt(
+                backend,
+                "UPDATE calls SET crm_installation_id = ?, crm_record = ?, crm_related = ?, \
+                 crm_user_id = ? WHERE id = ?",
+                vec![
+                    link.installation_id.clone().into(),
+                    link.record
+                        .as_ref()
+                        .and_then(|r| serde_json::to_string(r).ok())
+                        .into(),
+                    (!link.related.is_empty())
+                        .then(|| serde_json::to_string(&link.related).ok())
+                        .flatten()
+                        .into(),
+                    link.crm_user_id.clone().into(),
+                    call_id.clone().into(),
+                ],
+            ))
+            .await?;
+        }
+        None => crate::crm::link_to_agent_crm(&txn, &call_id, &t.id, &from).await?,
+    }
     txn.commit().await?;
 
     let params = ConnectParams {

@@ -111,6 +111,27 @@ pub struct Config {
     /// Lifetime in seconds of a recording link for tenants that set no policy of their own;
     /// unset = links never expire (they sit in CRM logs for years).
     pub recording_link_ttl_secs: Option<u64>,
+    /// CRM connectors to enable (`["pipedrive"]`). A connector whose client id is set is
+    /// enabled too; an enabled connector without its client id and secret stops the start.
+    pub connectors: Vec<String>,
+    /// Pipedrive OAuth app: client id (Developer Hub).
+    pub pipedrive_client_id: Option<String>,
+    /// Pipedrive OAuth app: client secret.
+    #[serde(skip_serializing)]
+    pub pipedrive_client_secret: Option<SecretString>,
+    /// Pipedrive app-extension JWT secret; unset = the client secret (Pipedrive's default).
+    #[serde(skip_serializing)]
+    pub pipedrive_jwt_secret: Option<SecretString>,
+    /// Pipedrive's OAuth host (tests point it at a local fake).
+    pub pipedrive_oauth_base: String,
+    /// Host suffixes a Pipedrive `api_domain` may have.
+    pub pipedrive_api_hosts: Vec<String>,
+    /// Refresh a CRM access token this many seconds before it expires.
+    pub crm_refresh_margin_secs: u64,
+    /// How long an OAuth install may take between "Install" and the CRM's redirect back.
+    pub oauth_state_ttl_secs: u64,
+    /// Timeout of one CRM API request, in seconds.
+    pub crm_timeout_secs: u64,
 }
 
 impl Default for Config {
@@ -162,6 +183,15 @@ impl Default for Config {
                 .collect(),
             recording_allow_loopback_http: false,
             recording_link_ttl_secs: None,
+            connectors: Vec::new(),
+            pipedrive_client_id: None,
+            pipedrive_client_secret: None,
+            pipedrive_jwt_secret: None,
+            pipedrive_oauth_base: "https://oauth.pipedrive.com".into(),
+            pipedrive_api_hosts: vec!["pipedrive.com".into()],
+            crm_refresh_margin_secs: 300,
+            oauth_state_ttl_secs: 600,
+            crm_timeout_secs: 30,
         }
     }
 }
@@ -266,11 +296,61 @@ impl Config {
         {
             bail!("CALLBRIDGE_RECORDING_LINK_TTL_SECS must be 1 to ten years in seconds, or unset");
         }
+        self.enabled_connectors()?;
+        if self.oauth_state_ttl_secs < 60 || self.crm_timeout_secs == 0 {
+            bail!(
+                "CALLBRIDGE_OAUTH_STATE_TTL_SECS must be at least 60 and \
+                 CALLBRIDGE_CRM_TIMEOUT_SECS positive"
+            );
+        }
         if let Some(key) = &self.master_key {
             crate::crypto::Sealer::from_base64(key.expose_secret())
                 .context("CALLBRIDGE_MASTER_KEY must be 32 bytes, base64")?;
         }
         Ok(())
+    }
+
+    /// The connectors to start: listed in `connectors` or given a client id. Each must be known
+    /// and have its client id and secret.
+    ///
+    /// # Errors
+    /// An unknown connector, or one enabled without its credentials (the message names the
+    /// settings to set).
+    pub fn enabled_connectors(&self) -> anyhow::Result<Vec<&'static str>> {
+        let mut out = Vec::new();
+        for name in &self.connectors {
+            let name = name.trim().to_ascii_lowercase();
+            match name.as_str() {
+                "pipedrive" => {}
+                other => {
+                    bail!("CALLBRIDGE_CONNECTORS names {other:?}; known connectors: pipedrive")
+                }
+            }
+        }
+        let listed = |n: &str| {
+            self.connectors
+                .iter()
+                .any(|c| c.trim().eq_ignore_ascii_case(n))
+        };
+        if listed("pipedrive") || self.pipedrive_client_id.is_some() {
+            if self
+                .pipedrive_client_id
+                .as_deref()
+                .is_none_or(str::is_empty)
+                || self
+                    .pipedrive_client_secret
+                    .as_ref()
+                    .is_none_or(|s| s.expose_secret().is_empty())
+            {
+                bail!(
+                    "the pipedrive connector is enabled but CALLBRIDGE_PIPEDRIVE_CLIENT_ID and \
+                     CALLBRIDGE_PIPEDRIVE_CLIENT_SECRET are not both set (Pipedrive Developer \
+                     Hub → your app → OAuth & access scopes)"
+                );
+            }
+            out.push("pipedrive");
+        }
+        Ok(out)
     }
 
     /// Whether the database is PostgreSQL.

@@ -113,6 +113,14 @@ pub mod call {
         pub next_reconcile_at: Option<i64>,
         pub created_at: i64,
         pub updated_at: i64,
+        /// The CRM installation this call is written back to.
+        pub crm_installation_id: Option<String>,
+        /// The CRM record (`CrmRecordRef` as JSON) the call was placed from or matched to.
+        pub crm_record: Option<String>,
+        /// Other CRM records of the click (`Vec<CrmRecordRef>` as JSON).
+        pub crm_related: Option<String>,
+        /// The agent's user id in that CRM.
+        pub crm_user_id: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

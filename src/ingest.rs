@@ -407,6 +407,7 @@ pub(crate) async fn enqueue_deliveries(
     if finished.is_empty() {
         return Ok(false);
     }
+    let crm = enqueue_crm(txn, backend, finished, now, max_attempts).await?;
     let tenants: Vec<String> = {
         let mut t: Vec<String> = finished.iter().map(|(_, t)| t.clone()).collect();
         t.sort();
@@ -433,7 +434,7 @@ pub(crate) async fn enqueue_deliveries(
         .filter(|(_, t)| with_webhook.contains(t))
         .collect();
     if jobs.is_empty() {
-        return Ok(false);
+        return Ok(crm);
     }
     let mut sql = String::from(
         "INSERT INTO jobs (tenant_id, kind, call_id, target, dedupe_key, message_id, state, \
@@ -462,4 +463,35 @@ pub(crate) async fn enqueue_deliveries(
     sql.push_str(" ON CONFLICT (dedupe_key) DO NOTHING");
     txn.execute_raw(stmt(backend, &sql, values)).await?;
     Ok(true)
+}
+
+/// One `crm` job per finished call linked to a CRM installation (see `crate::crm::writeback`),
+/// in the same transaction. The dedupe key makes a repeated finalisation enqueue nothing.
+async fn enqueue_crm(
+    txn: &DatabaseTransaction,
+    backend: DbBackend,
+    finished: &[(String, String)],
+    now: i64,
+    max_attempts: i32,
+) -> Result<bool, DbErr> {
+    // `WHERE` keeps SQLite's parser from reading `ON CONFLICT` as a join constraint.
+    let sql = format!(
+        "INSERT INTO jobs (tenant_id, kind, call_id, target, dedupe_key, message_id, state, \
+         attempts, max_attempts, run_at, created_at, updated_at) \
+         SELECT c.tenant_id, '{kind}', c.id, 'crm:' || i.connector, c.id || ':crm:' || i.id, \
+         'msg_' || c.id || '_' || i.id, 'queued', 0, ?, ?, ?, ? \
+         FROM calls c JOIN installations i ON i.id = c.crm_installation_id \
+         AND i.tenant_id = c.tenant_id WHERE c.id IN ({}) \
+         ON CONFLICT (dedupe_key) DO NOTHING",
+        placeholders(finished.len()),
+        kind = crate::jobs::KIND_CRM,
+    );
+    let mut values: Vec<Value> = vec![max_attempts.into(), now.into(), now.into(), now.into()];
+    values.extend(
+        finished
+            .iter()
+            .map(|(call_id, _)| Value::from(call_id.clone())),
+    );
+    let r = txn.execute_raw(stmt(backend, &sql, values)).await?;
+    Ok(r.rows_affected() > 0)
 }

@@ -14,6 +14,7 @@ pub mod admin;
 pub mod calls;
 pub mod cli;
 pub mod config;
+pub mod crm;
 pub mod crypto;
 pub mod db;
 pub mod demo;
@@ -70,6 +71,10 @@ pub struct Inner {
     pub public_base: String,
     /// Demo mode: the built-in Exotel simulator is mounted.
     pub demo: Option<demo::DemoState>,
+    /// The CRM connectors this process runs.
+    pub connectors: crm::Registry,
+    /// CRM token custody (single-flight refresh).
+    pub tokens: crm::tokens::TokenBroker,
 }
 
 impl std::ops::Deref for AppState {
@@ -148,6 +153,7 @@ pub fn sqlite_key_path(database_url: &str) -> PathBuf {
 pub async fn build_state(
     config: Config,
     demo: Option<demo::DemoState>,
+    extra_connectors: Vec<Arc<dyn callbridge_connector::Connector>>,
 ) -> anyhow::Result<(AppState, ingest::IngestHandle)> {
     let sealer = load_sealer(&config)?;
     let db = db::connect(&config).await?;
@@ -165,6 +171,11 @@ pub async fn build_state(
     let exotel_offset =
         exotel::parse_offset(&config.exotel_utc_offset).map_err(anyhow::Error::msg)?;
     let public_base = config.public_base();
+    let connectors = extra_connectors
+        .into_iter()
+        .fold(crm::Registry::from_config(&config, &http)?, |r, c| {
+            r.with(c)
+        });
     Ok((
         AppState(Arc::new(Inner {
             db,
@@ -178,6 +189,8 @@ pub async fn build_state(
             exotel_offset,
             public_base,
             demo,
+            connectors,
+            tokens: crm::tokens::TokenBroker::default(),
         })),
         handle,
     ))
@@ -196,7 +209,20 @@ impl Application {
     ///
     /// # Errors
     /// Bind, database or key failures.
-    pub async fn build(mut config: Config, listener: Option<TcpListener>) -> anyhow::Result<Self> {
+    pub async fn build(config: Config, listener: Option<TcpListener>) -> anyhow::Result<Self> {
+        Self::build_with(config, listener, Vec::new()).await
+    }
+
+    /// [`Application::build`] with connectors beyond the configured ones (tests add a fake
+    /// CRM this way).
+    ///
+    /// # Errors
+    /// As [`Application::build`].
+    pub async fn build_with(
+        mut config: Config,
+        listener: Option<TcpListener>,
+        extra_connectors: Vec<Arc<dyn callbridge_connector::Connector>>,
+    ) -> anyhow::Result<Self> {
         let listener = match listener {
             Some(l) => l,
             None => TcpListener::bind(config.bind)
@@ -208,7 +234,7 @@ impl Application {
             config.public_url = Some(format!("http://{addr}"));
         }
         let demo = None;
-        let (state, ingest) = build_state(config, demo).await?;
+        let (state, ingest) = build_state(config, demo, extra_connectors).await?;
         Ok(Self {
             listener,
             state,
@@ -231,7 +257,8 @@ impl Application {
         }
         // The simulator serves its recordings over plain http on this process's address.
         config.recording_allow_loopback_http = true;
-        let (state, ingest) = build_state(config, Some(demo::DemoState::default())).await?;
+        let (state, ingest) =
+            build_state(config, Some(demo::DemoState::default()), Vec::new()).await?;
         demo::ensure_demo_tenant(&state).await?;
         Ok(Self {
             listener,

@@ -1777,6 +1777,10 @@ pub async fn record_passthru(
             false,
         )
     };
+    if finished {
+        // The agent who took the call: write it back to their CRM like an outbound call.
+        crate::crm::link_to_agent_crm(&txn, &id, &t.id, &to).await?;
+    }
     let enqueued = if finished {
         crate::ingest::enqueue_deliveries(
             &txn,

@@ -14,6 +14,7 @@ mod m20261126_000001_create_core;
 mod m20261126_000002_masking;
 mod m20261126_000003_admin;
 mod m20261126_000004_recordings;
+mod m20261126_000005_crm;
 
 /// The list of migrations, in order.
 #[derive(Debug)]
@@ -27,6 +28,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261126_000002_masking::Migration),
             Box::new(m20261126_000003_admin::Migration),
             Box::new(m20261126_000004_recordings::Migration),
+            Box::new(m20261126_000005_crm::Migration),
         ]
     }
 }

@@ -91,6 +91,27 @@ async fn rows(state: &AppState, tenant_id: &str) -> Result<Vec<AgentRow>, sea_or
         .collect())
 }
 
+/// `(crm_user_id, agent phone)` for every user of `connector` mapped in the tenant.
+pub(super) async fn crm_mappings(
+    state: &AppState,
+    tenant_id: &str,
+    connector: &str,
+) -> Result<Vec<(String, String)>, sea_orm::DbErr> {
+    let rows = state
+        .db
+        .query_all_raw(stmt(
+            state.db.get_database_backend(),
+            "SELECT m.crm_user_id, a.phone FROM agent_crm_users m JOIN agents a \
+             ON a.id = m.agent_id AND a.tenant_id = m.tenant_id \
+             WHERE m.tenant_id = ? AND m.connector = ?",
+            vec![tenant_id.into(), connector.into()],
+        ))
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get("", "crm_user_id")?, r.try_get("", "phone")?)))
+        .collect()
+}
+
 fn crm_lines(text: &str) -> Vec<String> {
     text.lines()
         .flat_map(|l| l.split(','))

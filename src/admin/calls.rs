@@ -277,6 +277,8 @@ struct CallPage {
     payload: Option<String>,
     legs: Vec<LegRow>,
     targets: Vec<TargetRow>,
+    /// `(connector, CRM log id, recording uploaded)` for each CRM log written.
+    crm_logs: Vec<(String, String, bool)>,
 }
 
 fn pretty(raw: &str) -> String {
@@ -338,6 +340,11 @@ pub(super) async fn timeline(
             took_ms: r.try_get("", "duration_ms")?,
         });
     }
+    let crm_logs = crate::crm::writeback::logs_for_call(&state.db, &session.tenant_id, &c.id)
+        .await?
+        .into_iter()
+        .map(|(_, connector, log, uploaded)| (crate::crm::display_name(&connector), log, uploaded))
+        .collect();
     let view = call_repo::view(&c, &jobs);
     let legs = view
         .legs
@@ -362,6 +369,7 @@ pub(super) async fn timeline(
         payload: c.final_payload.as_deref().map(pretty),
         legs,
         targets,
+        crm_logs,
         c,
     }))
 }

@@ -12,6 +12,7 @@
 pub mod agents;
 pub mod auth;
 pub mod calls;
+pub mod connectors;
 pub mod csrf;
 pub mod dashboard;
 pub mod dead_letters;
@@ -61,6 +62,20 @@ pub fn router(state: &AppState) -> Router<AppState> {
             get(agents::edit_form).post(agents::update),
         )
         .route("/admin/agents/{id}/delete", post(agents::remove))
+        .route("/admin/connectors", get(connectors::list))
+        .route(
+            "/admin/connectors/{name}/uninstall",
+            post(connectors::uninstall),
+        )
+        .route("/admin/connectors/{name}/rule", post(connectors::save_rule))
+        .route(
+            "/admin/connectors/{name}/import",
+            get(connectors::import_form).post(connectors::import_save),
+        )
+        .route(
+            "/admin/connectors/{name}/marketplace",
+            get(connectors::marketplace_form).post(connectors::marketplace_confirm),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::guard));
     Router::new()
         .route(
@@ -105,7 +120,11 @@ pub const NAV: &[NavItem] = &[
         href: "/admin/agents",
         label: "Agents",
     },
-    // Connectors (OAuth installs) goes here.
+    NavItem {
+        key: "connectors",
+        href: "/admin/connectors",
+        label: "Connectors",
+    },
     // Virtual numbers / Sessions (masking) goes here.
     NavItem {
         key: "settings",

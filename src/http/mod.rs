@@ -31,7 +31,9 @@ pub fn router(state: AppState) -> Router {
         .merge(sessions::router())
         .merge(health::router())
         .merge(crate::admin::router(&state))
-        .merge(recordings::router());
+        .merge(recordings::router())
+        .merge(crate::crm::oauth::router())
+        .merge(crate::crm::inbound::router());
     if state.demo.is_some() {
         app = app.merge(crate::demo::router());
     }

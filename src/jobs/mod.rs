@@ -12,16 +12,19 @@ pub mod webhook;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr};
+use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, DbErr, EntityTrait};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     AppState,
     db::{self, stmt},
+    entities::{call, tenant},
 };
 
 /// Job kind: POST the finished call to the tenant's webhook.
 pub const KIND_WEBHOOK: &str = "webhook";
+/// Job kind: write the finished call onto the CRM record (`crate::crm::writeback`).
+pub const KIND_CRM: &str = "crm";
 
 /// A claimed job.
 #[derive(Debug, Clone)]
@@ -223,12 +226,56 @@ pub async fn finish(
     txn.commit().await
 }
 
+/// The tenant, call and the [`callbridge_connector::CallRecord`] every sink receives for a
+/// delivery job. Exotel's own `RecordingUrl` does not play without the tenant's API
+/// credentials (private since October 2024), so the record carries callbridge's playable
+/// link instead, never the raw URL.
+///
+/// # Errors
+/// The [`Delivery`] to record: permanent when the call or tenant is gone, retry on database
+/// trouble.
+pub(crate) async fn finished_call(
+    state: &AppState,
+    job: &Claimed,
+) -> Result<(tenant::Model, call::Model, callbridge_connector::CallRecord), Delivery> {
+    let retry = |error: String| Delivery::Retry {
+        status: None,
+        error,
+        retry_after: None,
+    };
+    let Some(call_id) = &job.call_id else {
+        return Err(Delivery::Permanent {
+            status: None,
+            error: "job has no call".into(),
+        });
+    };
+    let (t, c) = match tokio::try_join!(
+        tenant::Entity::find_by_id(job.tenant_id.clone()).one(&state.db),
+        call::Entity::find_by_id(call_id.clone()).one(&state.db),
+    ) {
+        Ok((Some(t), Some(c))) if c.tenant_id == t.id => (t, c),
+        Ok(_) => {
+            return Err(Delivery::Permanent {
+                status: None,
+                error: "the call or tenant no longer exists".into(),
+            });
+        }
+        Err(e) => return Err(retry(format!("database: {e}"))),
+    };
+    let mut record = crate::calls::record(&c);
+    record.recording_url = crate::recordings::link_for_call(state, &c)
+        .await
+        .map_err(|e| retry(format!("could not make the recording link: {e:#}")))?;
+    Ok((t, c, record))
+}
+
 /// Run one claimed job to completion and record the result.
 pub async fn execute(state: &AppState, job: Claimed) {
     let started_at = db::now_ms();
     let t = Instant::now();
     let result = match job.kind.as_str() {
         KIND_WEBHOOK => webhook::deliver(state, &job).await,
+        KIND_CRM => crate::crm::writeback::deliver(state, &job).await,
         other => Delivery::Permanent {
             status: None,
             error: format!("no handler for job kind {other:?}"),

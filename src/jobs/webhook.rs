@@ -13,15 +13,10 @@ use std::time::Duration;
 
 use base64::{Engine, engine::general_purpose::STANDARD};
 use hmac::{Hmac, Mac};
-use sea_orm::EntityTrait;
 use sha2::Sha256;
 
 use super::{Claimed, Delivery};
-use crate::{
-    AppState, calls,
-    entities::{call, tenant},
-    recordings,
-};
+use crate::AppState;
 
 /// Sign `body` for `msg_id` at `timestamp` with a `whsec_…` secret.
 ///
@@ -66,22 +61,9 @@ pub async fn deliver(state: &AppState, job: &Claimed) -> Delivery {
         status: None,
         error,
     };
-    let Some(call_id) = &job.call_id else {
-        return permanent("job has no call".into());
-    };
-    let (t, c) = match tokio::try_join!(
-        tenant::Entity::find_by_id(job.tenant_id.clone()).one(&state.db),
-        call::Entity::find_by_id(call_id.clone()).one(&state.db),
-    ) {
-        Ok((Some(t), Some(c))) if c.tenant_id == t.id => (t, c),
-        Ok(_) => return permanent("the call or tenant no longer exists".into()),
-        Err(e) => {
-            return Delivery::Retry {
-                status: None,
-                error: format!("database: {e}"),
-                retry_after: None,
-            };
-        }
+    let (t, _, record) = match super::finished_call(state, job).await {
+        Ok(found) => found,
+        Err(d) => return d,
     };
     let (Some(url), Some(sealed)) = (&t.webhook_url, &t.webhook_secret_sealed) else {
         return permanent("the tenant no longer has a webhook".into());
@@ -89,20 +71,6 @@ pub async fn deliver(state: &AppState, job: &Claimed) -> Delivery {
     let secret = match state.sealer.open(sealed) {
         Ok(s) => s,
         Err(e) => return permanent(format!("cannot open the webhook secret: {e}")),
-    };
-    // Exotel's own RecordingUrl does not play without the tenant's API credentials (private
-    // since October 2024), so deliveries carry callbridge's playable link instead, never the
-    // raw URL.
-    let mut record = calls::record(&c);
-    record.recording_url = match recordings::link_for_call(state, &c).await {
-        Ok(link) => link,
-        Err(e) => {
-            return Delivery::Retry {
-                status: None,
-                error: format!("could not make the recording link: {e:#}"),
-                retry_after: None,
-            };
-        }
     };
     let now = chrono::Utc::now();
     let body = serde_json::json!({

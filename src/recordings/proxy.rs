@@ -114,7 +114,7 @@ pub fn guess_content_type(path: &str) -> &'static str {
     }
 }
 
-fn extension_of(content_type: &str) -> &'static str {
+pub(crate) fn extension_of(content_type: &str) -> &'static str {
     match content_type {
         "audio/wav" | "audio/x-wav" | "audio/wave" => "wav",
         "audio/ogg" => "ogg",
@@ -245,6 +245,66 @@ pub async fn play(
     };
     out.body(body)
         .map_err(|e| PlayError::Internal(anyhow::Error::new(e).context("building the response")))
+}
+
+/// The whole recording of `c`, for CRMs that take the file (at most `max_bytes`), with its
+/// content type. Same allow-list and credential rules as [`play`].
+///
+/// # Errors
+/// [`PlayError`]; a file over `max_bytes` is [`PlayError::Upstream`].
+pub async fn download(
+    state: &AppState,
+    t: &tenant::Model,
+    c: &call::Model,
+    max_bytes: usize,
+) -> Result<(bytes::Bytes, String), PlayError> {
+    let stored = c
+        .recording_url
+        .as_deref()
+        .filter(|u| !u.is_empty())
+        .ok_or(PlayError::NoRecording)?;
+    let allow = AllowList::parse(
+        &state.config.recording_hosts,
+        state.config.recording_allow_loopback_http,
+    )
+    .map_err(PlayError::Internal)?;
+    let first = allow.check(stored).map_err(PlayError::NotAllowed)?;
+    let account = tenants::exotel_account(&state.sealer, t).map_err(PlayError::Internal)?;
+    let mut resp = fetch(state, &allow, &account, &first, false, None, None).await?;
+    match resp.status().as_u16() {
+        200 => {}
+        404 | 410 => return Err(PlayError::NotFound),
+        s @ (401 | 403) => return Err(PlayError::Credentials(s)),
+        s => {
+            return Err(PlayError::Upstream(format!(
+                "Exotel answered {s} for the recording"
+            )));
+        }
+    }
+    let content_type = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.starts_with("audio/"))
+        .map_or_else(
+            || guess_content_type(first.path()).to_owned(),
+            str::to_owned,
+        );
+    let mut body = bytes::BytesMut::new();
+    loop {
+        let chunk = tokio::time::timeout(IDLE_TIMEOUT, resp.chunk())
+            .await
+            .map_err(|_| PlayError::Timeout)?
+            .map_err(|e| PlayError::Upstream(format!("reading the recording: {e}")))?;
+        let Some(chunk) = chunk else { break };
+        if body.len() + chunk.len() > max_bytes {
+            return Err(PlayError::Upstream(format!(
+                "the recording is larger than {max_bytes} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((body.freeze(), content_type))
 }
 
 fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {

@@ -266,3 +266,120 @@ async fn admin_console_in_headless_chromium() {
     };
     assert_eq!(name.as_deref(), Some("Acme Browser Test"));
 }
+
+/// The CRM leg: install the fake CRM through its real OAuth redirect chain, import its users as
+/// agents, then a click from the CRM places a call whose write-back shows on the timeline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crm_install_and_write_back_in_headless_chromium() {
+    let driver = start_driver().await;
+    let crm = crate::fakecrm::FakeCrm::start().await;
+    let app = TestApp::spawn_with_connectors(Backend::Sqlite, |_| {}, vec![crm.connector()]).await;
+    let t = app.tenant(false).await;
+    callbridge::admin::users::create(&app.state.db, &t.id, "ops@acme.example", PASSWORD)
+        .await
+        .unwrap();
+    app.exotel_accepts("sidCrmBrowser").await;
+
+    let c = browser(&driver).await;
+    let result = std::panic::AssertUnwindSafe(async {
+        c.goto(&format!("{}/admin/connectors", app.base))
+            .await
+            .unwrap();
+        wait_for(&c, "input#email").await;
+        c.find(Locator::Css("input#email"))
+            .await
+            .unwrap()
+            .send_keys("ops@acme.example")
+            .await
+            .unwrap();
+        c.find(Locator::Css("input#password"))
+            .await
+            .unwrap()
+            .send_keys(PASSWORD)
+            .await
+            .unwrap();
+        c.find(Locator::Css("form button[type=submit]"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        wait_for(&c, "section#connector-fakecrm").await;
+        screenshot(&c, "10-connectors-before").await;
+        // Install: our start → the CRM's authorize → our callback → the Connectors page.
+        c.find(Locator::Css(
+            "section#connector-fakecrm form[action='/oauth/fakecrm/start'] button",
+        ))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+        let notice = wait_for(&c, "p.notice").await;
+        assert!(notice.text().await.unwrap().contains("is connected"));
+        let html = c.source().await.unwrap();
+        assert!(html.contains("acct-1"));
+        screenshot(&c, "11-connectors-installed").await;
+
+        c.find(Locator::Css("a[href='/admin/connectors/fakecrm/import']"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        wait_for(&c, "form#import-users").await;
+        screenshot(&c, "12-import-users").await;
+        c.find(Locator::Css("form#import-users button[type=submit]"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        let saved = wait_for(&c, "p.notice").await;
+        assert_eq!(saved.text().await.unwrap(), "1 agent saved.");
+
+        // The CRM relays a click; Exotel reports the end; the write-back runs.
+        let r = app
+            .http
+            .post(format!("{}/crm/fakecrm/click", app.base))
+            .header("x-fake-signature", crate::fakecrm::CLIENT_SECRET)
+            .json(
+                &json!({"account": "acct-1", "user": "u1", "phone": "+919812345678",
+                          "record": {"object_type": "deal", "id": "d-42"}}),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        let body: serde_json::Value = r.json().await.unwrap();
+        let call_id = body["call"]["id"].as_str().unwrap().to_owned();
+        app.callback(
+            &app.last_status_callback().await,
+            "application/json",
+            guide_callback("sidCrmBrowser").to_string(),
+        )
+        .await;
+        app.drain_jobs().await;
+        assert_eq!(crm.data().logs.len(), 1);
+
+        c.goto(&format!("{}/admin/calls/{call_id}", app.base))
+            .await
+            .unwrap();
+        let logs = wait_for(&c, "#crm-logs").await;
+        assert!(logs.text().await.unwrap().contains("log-1"));
+        c.set_window_size(1280, 1800).await.unwrap();
+        screenshot(&c, "13-call-crm-writeback").await;
+        c.set_window_size(390, 1400).await.unwrap();
+        c.goto(&format!("{}/admin/connectors", app.base))
+            .await
+            .unwrap();
+        wait_for(&c, "section#connector-fakecrm").await;
+        screenshot(&c, "14-connectors-phone").await;
+    })
+    .catch_unwind()
+    .await;
+    let _ = c.close().await;
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}

@@ -2,7 +2,7 @@
 //! PostgreSQL database, with wiremock standing in for Exotel and for the tenant's webhook
 //! receiver. `both_backends!` turns one async test into a SQLite and a PostgreSQL variant.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use base64::Engine;
 use callbridge::{AppState, Application, config::Config, tenants};
@@ -91,6 +91,8 @@ pub struct TestApp {
     pub receiver: MockServer,
     pub config: Config,
     pub backend: Backend,
+    /// Connectors beyond the configured ones (a fake CRM), kept across restarts.
+    pub connectors: Vec<Arc<dyn callbridge_connector::Connector>>,
     shutdown: CancellationToken,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     _dir: tempfile::TempDir,
@@ -142,12 +144,21 @@ impl TestApp {
 
     /// Spawn with a config tweak.
     pub async fn spawn_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -> Self {
+        Self::spawn_with_connectors(backend, tweak, Vec::new()).await
+    }
+
+    /// Spawn with a config tweak and extra connectors (a fake CRM).
+    pub async fn spawn_with_connectors(
+        backend: Backend,
+        tweak: impl FnOnce(&mut Config),
+        connectors: Vec<Arc<dyn callbridge_connector::Connector>>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut config = test_config(backend, dir.path()).await;
         tweak(&mut config);
         let exotel = MockServer::start().await;
         let receiver = MockServer::start().await;
-        Self::start(backend, config, exotel, receiver, dir).await
+        Self::start(backend, config, exotel, receiver, dir, connectors).await
     }
 
     async fn start(
@@ -156,8 +167,9 @@ impl TestApp {
         exotel: MockServer,
         receiver: MockServer,
         dir: tempfile::TempDir,
+        connectors: Vec<Arc<dyn callbridge_connector::Connector>>,
     ) -> Self {
-        let app = Application::build(config.clone(), None)
+        let app = Application::build_with(config.clone(), None, connectors.clone())
             .await
             .expect("app builds");
         let addr = app.local_addr().unwrap();
@@ -178,6 +190,7 @@ impl TestApp {
             receiver,
             config,
             backend,
+            connectors,
             shutdown,
             server: Some(server),
             _dir: dir,
@@ -197,9 +210,10 @@ impl TestApp {
             receiver,
             _dir,
             backend,
+            connectors,
             ..
         } = self;
-        Self::start(backend, config, exotel, receiver, _dir).await
+        Self::start(backend, config, exotel, receiver, _dir, connectors).await
     }
 
     /// Stop serving and wait for the background tasks.

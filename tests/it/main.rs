@@ -7,13 +7,16 @@ mod admin;
 mod browser;
 mod cli;
 mod click_to_call;
+mod crm;
 mod delivery;
+mod fakecrm;
 mod helpers;
 mod isolation;
 #[path = "../../src/bin/callbridge-maskbench.rs"]
 mod maskbench;
 mod masking;
 mod ops;
+mod pipedrive_host;
 mod reconcile;
 mod recordings;
 mod smoke;
