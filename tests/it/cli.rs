@@ -303,3 +303,36 @@ fn postgres_without_a_master_key_refuses_to_start() {
     assert!(err.contains("CALLBRIDGE_MASTER_KEY"), "{err}");
     assert!(!Path::new(&dir.path().join("callbridge.db.key")).exists());
 }
+
+#[test]
+fn a_connector_enabled_without_its_credentials_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(cli(dir.path(), &sqlite_url(dir.path()))
+        .arg("migrate")
+        .env("CALLBRIDGE_CONNECTORS", "[\"pipedrive\"]"));
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("CALLBRIDGE_PIPEDRIVE_CLIENT_ID")
+            && err.contains("CALLBRIDGE_PIPEDRIVE_CLIENT_SECRET"),
+        "{err}"
+    );
+    // Half the credentials is no better.
+    let out = run(cli(dir.path(), &sqlite_url(dir.path()))
+        .arg("migrate")
+        .env("CALLBRIDGE_PIPEDRIVE_CLIENT_ID", "abc"));
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("CALLBRIDGE_PIPEDRIVE_CLIENT_SECRET"));
+    // An unknown connector is named.
+    let out = run(cli(dir.path(), &sqlite_url(dir.path()))
+        .arg("migrate")
+        .env("CALLBRIDGE_CONNECTORS", "[\"hubspot\"]"));
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("hubspot"), "{}", stderr(&out));
+    // With both, it starts.
+    let out = run(cli(dir.path(), &sqlite_url(dir.path()))
+        .arg("migrate")
+        .env("CALLBRIDGE_PIPEDRIVE_CLIENT_ID", "abc")
+        .env("CALLBRIDGE_PIPEDRIVE_CLIENT_SECRET", "def"));
+    assert!(out.status.success(), "{}", stderr(&out));
+}
