@@ -383,3 +383,124 @@ async fn crm_install_and_write_back_in_headless_chromium() {
         std::panic::resume_unwind(panic);
     }
 }
+
+/// Pipedrive's calling panel as a browser runs it: the iframe page with the token Pipedrive puts
+/// in its URL, a number typed in, the call placed and its progress shown until Exotel reports
+/// the end. (Pipedrive's SDK cannot load here — no network — which the page tolerates; clicks
+/// relayed by the SDK take the same path.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipedrive_panel_places_a_call_and_shows_progress() {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header};
+    let driver = start_driver().await;
+    let api = wiremock::MockServer::start().await;
+    let app = TestApp::spawn_with(Backend::Sqlite, |c| {
+        c.pipedrive_client_id = Some("pd-client".into());
+        c.pipedrive_client_secret = Some("pd-secret-for-the-panel-test".into());
+        c.pipedrive_api_hosts = vec!["127.0.0.1".into()];
+    })
+    .await;
+    let t = app.tenant(false).await;
+    // An installed Pipedrive company 7788 and its user 123 mapped to the agent's phone.
+    let tokens = callbridge_connector::TokenSet {
+        access_token: callbridge_connector::AccessToken("at".into()),
+        refresh_token: None,
+        expires_at: None,
+        api_base: Some(api.uri()),
+        raw: json!({}),
+    };
+    callbridge::crm::installations::upsert(
+        &app.state,
+        callbridge::crm::installations::NewInstall {
+            tenant_id: &t.id,
+            connector: "pipedrive",
+            vars: &callbridge_connector::InstallVars::new(),
+            tokens: &tokens,
+            account_id: Some("7788"),
+            installed_by: "ops@acme.example",
+        },
+    )
+    .await
+    .unwrap();
+    callbridge::tenants::add_agent(
+        &app.state.db,
+        callbridge::tenants::NewAgent {
+            tenant_id: t.id.clone(),
+            phone: "+919876543210".into(),
+            name: None,
+            crm_users: vec!["pipedrive:123".into()],
+        },
+    )
+    .await
+    .unwrap();
+    app.exotel_accepts("sidPanel").await;
+    let jwt = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"userId": 123, "companyId": 7788,
+                "exp": chrono::Utc::now().timestamp() + 300}),
+        &EncodingKey::from_secret(b"pd-secret-for-the-panel-test"),
+    )
+    .unwrap();
+
+    let c = browser(&driver).await;
+    let result = std::panic::AssertUnwindSafe(async {
+        c.set_window_size(400, 700).await.unwrap();
+        c.goto(&format!(
+            "{}/crm/pipedrive/panel?userId=123&companyId=7788&id=rt1&token={jwt}",
+            app.base
+        ))
+        .await
+        .unwrap();
+        wait_for(&c, "form#dial").await;
+        c.find(Locator::Css("input#number"))
+            .await
+            .unwrap()
+            .send_keys("098123 45678")
+            .await
+            .unwrap();
+        c.find(Locator::Css("form#dial button"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        let status = c.find(Locator::Css("#status")).await.unwrap();
+        let started = Instant::now();
+        while !status.text().await.unwrap().contains("Ringing") {
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "panel said: {}",
+                status.text().await.unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        screenshot(&c, "15-pipedrive-panel-ringing").await;
+        let connect = app.connect_requests().await.pop().expect("a connect");
+        assert!(
+            connect
+                .iter()
+                .any(|(k, v)| k == "To" && v == "+919812345678")
+        );
+        app.callback(
+            &app.last_status_callback().await,
+            "application/json",
+            guide_callback("sidPanel").to_string(),
+        )
+        .await;
+        let started = Instant::now();
+        while !status.text().await.unwrap().contains("talked 32 s") {
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "panel said: {}",
+                status.text().await.unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        screenshot(&c, "16-pipedrive-panel-finished").await;
+    })
+    .catch_unwind()
+    .await;
+    let _ = c.close().await;
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}
