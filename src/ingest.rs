@@ -15,7 +15,7 @@ use tokio::sync::{Notify, oneshot};
 
 use crate::{
     config::Config,
-    db::{self, placeholders, stmt},
+    db::{self, stmt},
     exotel::{StatusCallback, is_terminal, parse_time},
     metrics::Metrics,
 };
@@ -286,6 +286,50 @@ impl Writer {
         let mut outcomes = Vec::with_capacity(updates.len());
         let mut finished: Vec<(String, String)> = Vec::new();
         let mut seen: HashSet<&CallKey> = HashSet::new();
+        // SQLite only: there every statement is a round trip to the connection's worker thread
+        // (measured: the batch statement took SQLite from 5.9k to 7.4k callbacks/s). PostgreSQL
+        // plans the JSON recordset as a hash join over all calls, which measured slower than
+        // one indexed UPDATE per callback, so it keeps those.
+        let all_terminal_callbacks = backend == DbBackend::Sqlite
+            && updates.len() > 1
+            && updates
+                .iter()
+                .all(|u| is_terminal(&u.status) && matches!(u.key, CallKey::TokenHash(_)));
+        if all_terminal_callbacks {
+            // The common case (Exotel sends terminal callbacks only): one statement for the
+            // whole batch instead of one round trip per callback.
+            let firsts: Vec<&Update> = updates
+                .iter()
+                .copied()
+                .filter(|u| seen.insert(&u.key))
+                .collect();
+            let applied = finalize_bulk(&txn, backend, &firsts, now).await?;
+            let mut answered: HashSet<&CallKey> = HashSet::new();
+            for u in updates {
+                if !answered.insert(&u.key) {
+                    // The same call twice in one batch: the first one wins.
+                    outcomes.push(Outcome::Duplicate);
+                    continue;
+                }
+                let CallKey::TokenHash(h) = &u.key else {
+                    continue;
+                };
+                outcomes.push(match applied.get(h.as_str()) {
+                    Some((id, tenant)) => {
+                        finished.push((id.clone(), tenant.clone()));
+                        Outcome::Applied {
+                            call_id: id.clone(),
+                            terminal: true,
+                        }
+                    }
+                    None => why_not_applied(&txn, backend, &u.key).await?,
+                });
+            }
+            let enqueued =
+                enqueue_deliveries(&txn, backend, &finished, now, self.max_attempts).await?;
+            txn.commit().await?;
+            return Ok((outcomes, enqueued));
+        }
         for u in updates {
             if !seen.insert(&u.key) && is_terminal(&u.status) {
                 // The same call twice in one batch: the first one wins.
@@ -380,7 +424,16 @@ async fn apply_one(
             terminal,
         });
     }
-    // Nothing matched: tell unknown, already-final and wrong-sid apart.
+    why_not_applied(txn, backend, &u.key).await
+}
+
+/// Nothing matched: tell unknown, already-final and wrong-sid apart.
+async fn why_not_applied(
+    txn: &DatabaseTransaction,
+    backend: DbBackend,
+    key: &CallKey,
+) -> Result<Outcome, DbErr> {
+    let (key_sql, key_val) = key_clause(key);
     let sql = format!("SELECT finalized_at, exotel_call_sid FROM calls WHERE {key_sql}");
     let Some(row) = txn
         .query_one_raw(stmt(backend, &sql, vec![key_val]))
@@ -395,8 +448,86 @@ async fn apply_one(
     Ok(Outcome::SidMismatch)
 }
 
-/// Insert one delivery job per sink of each finished call (the tenant webhook today; CRM
-/// installations plug in here). `dedupe_key` makes a second enqueue a no-op.
+/// Finalise many calls (terminal callbacks keyed by token hash, one per call) with one
+/// `UPDATE … FROM` over the batch passed as a single JSON parameter: the statement text is the
+/// same for every batch size, so it is prepared once. Returns token hash → (call id, tenant)
+/// for the calls it finalised; the others matched nothing (unknown, already final, other sid).
+async fn finalize_bulk(
+    txn: &DatabaseTransaction,
+    backend: DbBackend,
+    updates: &[&Update],
+    now: i64,
+) -> Result<std::collections::HashMap<String, (String, String)>, DbErr> {
+    let rows: Vec<serde_json::Value> = updates
+        .iter()
+        .map(|u| {
+            let h = match &u.key {
+                CallKey::TokenHash(h) | CallKey::CallId(h) => h,
+            };
+            serde_json::json!({
+                "h": h, "sid": u.call_sid, "status": u.status, "started_at": u.started_at,
+                "ended_at": u.ended_at, "source": u.source.as_str(),
+                "dur": u.conversation_duration.unwrap_or(0), "rec": u.recording_url,
+                "legs": u.legs, "raw": u.raw,
+            })
+        })
+        .collect();
+    let json = serde_json::Value::Array(rows).to_string();
+    let source = if backend == DbBackend::Postgres {
+        "json_to_recordset(CAST(? AS json)) AS v(h text, sid text, status text, \
+         started_at bigint, ended_at bigint, source text, dur integer, rec text, legs text, \
+         raw text)"
+    } else {
+        "(SELECT json_extract(value, '$.h') AS h, json_extract(value, '$.sid') AS sid, \
+         json_extract(value, '$.status') AS status, \
+         json_extract(value, '$.started_at') AS started_at, \
+         json_extract(value, '$.ended_at') AS ended_at, json_extract(value, '$.source') AS source, \
+         json_extract(value, '$.dur') AS dur, json_extract(value, '$.rec') AS rec, \
+         json_extract(value, '$.legs') AS legs, json_extract(value, '$.raw') AS raw \
+         FROM json_each(?)) AS v"
+    };
+    let sql = format!(
+        "UPDATE calls SET status = v.status, \
+         exotel_call_sid = COALESCE(calls.exotel_call_sid, v.sid), \
+         started_at = COALESCE(v.started_at, calls.started_at), \
+         ended_at = COALESCE(v.ended_at, calls.ended_at), finalized_at = ?, \
+         final_source = v.source, conversation_duration = v.dur, recording_url = v.rec, \
+         legs = COALESCE(v.legs, calls.legs), final_payload = v.raw, next_reconcile_at = NULL, \
+         updated_at = ? FROM {source} \
+         WHERE calls.token_hash = v.h AND calls.finalized_at IS NULL \
+         AND (calls.exotel_call_sid IS NULL OR calls.exotel_call_sid = v.sid) \
+         RETURNING calls.id, calls.tenant_id, calls.token_hash"
+    );
+    let rows = txn
+        .query_all_raw(stmt(
+            backend,
+            &sql,
+            vec![now.into(), now.into(), json.into()],
+        ))
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                r.try_get::<String>("", "token_hash")?,
+                (r.try_get("", "id")?, r.try_get("", "tenant_id")?),
+            ))
+        })
+        .collect()
+}
+
+/// `IN (…)` over a JSON array of ids bound as one parameter: one statement text for any number
+/// of ids, so it is prepared once and cached.
+fn ids_in_json(backend: DbBackend) -> &'static str {
+    if backend == DbBackend::Postgres {
+        "SELECT json_array_elements_text(CAST(? AS json))"
+    } else {
+        "SELECT value FROM json_each(?)"
+    }
+}
+
+/// Insert one delivery job per sink of each finished call: the tenant webhook, and the CRM
+/// installation the call is linked to (see `crate::crm::writeback`). Each sink is one
+/// statement whatever the batch size; `dedupe_key` makes a second enqueue a no-op.
 pub(crate) async fn enqueue_deliveries(
     txn: &DatabaseTransaction,
     backend: DbBackend,
@@ -407,91 +538,53 @@ pub(crate) async fn enqueue_deliveries(
     if finished.is_empty() {
         return Ok(false);
     }
-    let crm = enqueue_crm(txn, backend, finished, now, max_attempts).await?;
-    let tenants: Vec<String> = {
-        let mut t: Vec<String> = finished.iter().map(|(_, t)| t.clone()).collect();
-        t.sort();
-        t.dedup();
-        t
-    };
-    let sql = format!(
-        "SELECT id FROM tenants WHERE webhook_url IS NOT NULL AND id IN ({})",
-        placeholders(tenants.len())
-    );
-    let rows = txn
-        .query_all_raw(stmt(
+    let ids = serde_json::to_string(&finished.iter().map(|(id, _)| id).collect::<Vec<_>>())
+        .unwrap_or_else(|_| "[]".into());
+    let ids_in = ids_in_json(backend);
+    // `WHERE` keeps SQLite's parser from reading `ON CONFLICT` as a join constraint.
+    let webhook = txn
+        .execute_raw(stmt(
             backend,
-            &sql,
-            tenants.iter().cloned().map(Value::from).collect(),
+            &format!(
+                "INSERT INTO jobs (tenant_id, kind, call_id, target, dedupe_key, message_id, state, \
+                 attempts, max_attempts, run_at, created_at, updated_at) \
+                 SELECT c.tenant_id, '{kind}', c.id, 'webhook', c.id || ':webhook:final', \
+                 'msg_' || c.id, 'queued', 0, ?, ?, ?, ? \
+                 FROM calls c JOIN tenants t ON t.id = c.tenant_id \
+                 WHERE t.webhook_url IS NOT NULL AND c.id IN ({ids_in}) \
+                 ON CONFLICT (dedupe_key) DO NOTHING",
+                kind = crate::jobs::KIND_WEBHOOK,
+            ),
+            vec![
+                max_attempts.into(),
+                now.into(),
+                now.into(),
+                now.into(),
+                ids.clone().into(),
+            ],
         ))
         .await?;
-    let with_webhook: HashSet<String> = rows
-        .iter()
-        .filter_map(|r| r.try_get::<String>("", "id").ok())
-        .collect();
-    let jobs: Vec<&(String, String)> = finished
-        .iter()
-        .filter(|(_, t)| with_webhook.contains(t))
-        .collect();
-    if jobs.is_empty() {
-        return Ok(crm);
-    }
-    let mut sql = String::from(
-        "INSERT INTO jobs (tenant_id, kind, call_id, target, dedupe_key, message_id, state, \
-         attempts, max_attempts, run_at, created_at, updated_at) VALUES ",
-    );
-    let mut values: Vec<Value> = Vec::with_capacity(jobs.len() * 12);
-    for (i, (call_id, tenant_id)) in jobs.iter().enumerate() {
-        if i > 0 {
-            sql.push_str(", ");
-        }
-        sql.push_str("(?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)");
-        values.extend([
-            tenant_id.clone().into(),
-            crate::jobs::KIND_WEBHOOK.into(),
-            call_id.clone().into(),
-            "webhook".into(),
-            format!("{call_id}:webhook:final").into(),
-            format!("msg_{}", uuid::Uuid::now_v7().simple()).into(),
-            "queued".into(),
-            max_attempts.into(),
-            now.into(),
-            now.into(),
-            now.into(),
-        ]);
-    }
-    sql.push_str(" ON CONFLICT (dedupe_key) DO NOTHING");
-    txn.execute_raw(stmt(backend, &sql, values)).await?;
-    Ok(true)
-}
-
-/// One `crm` job per finished call linked to a CRM installation (see `crate::crm::writeback`),
-/// in the same transaction. The dedupe key makes a repeated finalisation enqueue nothing.
-async fn enqueue_crm(
-    txn: &DatabaseTransaction,
-    backend: DbBackend,
-    finished: &[(String, String)],
-    now: i64,
-    max_attempts: i32,
-) -> Result<bool, DbErr> {
-    // `WHERE` keeps SQLite's parser from reading `ON CONFLICT` as a join constraint.
-    let sql = format!(
-        "INSERT INTO jobs (tenant_id, kind, call_id, target, dedupe_key, message_id, state, \
-         attempts, max_attempts, run_at, created_at, updated_at) \
-         SELECT c.tenant_id, '{kind}', c.id, 'crm:' || i.connector, c.id || ':crm:' || i.id, \
-         'msg_' || c.id || '_' || i.id, 'queued', 0, ?, ?, ?, ? \
-         FROM calls c JOIN installations i ON i.id = c.crm_installation_id \
-         AND i.tenant_id = c.tenant_id WHERE c.id IN ({}) \
-         ON CONFLICT (dedupe_key) DO NOTHING",
-        placeholders(finished.len()),
-        kind = crate::jobs::KIND_CRM,
-    );
-    let mut values: Vec<Value> = vec![max_attempts.into(), now.into(), now.into(), now.into()];
-    values.extend(
-        finished
-            .iter()
-            .map(|(call_id, _)| Value::from(call_id.clone())),
-    );
-    let r = txn.execute_raw(stmt(backend, &sql, values)).await?;
-    Ok(r.rows_affected() > 0)
+    let crm = txn
+        .execute_raw(stmt(
+            backend,
+            &format!(
+                "INSERT INTO jobs (tenant_id, kind, call_id, target, dedupe_key, message_id, state, \
+                 attempts, max_attempts, run_at, created_at, updated_at) \
+                 SELECT c.tenant_id, '{kind}', c.id, 'crm:' || i.connector, \
+                 c.id || ':crm:' || i.id, 'msg_' || c.id || '_' || i.id, 'queued', 0, ?, ?, ?, ? \
+                 FROM calls c JOIN installations i ON i.id = c.crm_installation_id \
+                 AND i.tenant_id = c.tenant_id WHERE c.id IN ({ids_in}) \
+                 ON CONFLICT (dedupe_key) DO NOTHING",
+                kind = crate::jobs::KIND_CRM,
+            ),
+            vec![
+                max_attempts.into(),
+                now.into(),
+                now.into(),
+                now.into(),
+                ids.into(),
+            ],
+        ))
+        .await?;
+    Ok(webhook.rows_affected() + crm.rows_affected() > 0)
 }

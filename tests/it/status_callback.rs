@@ -410,6 +410,88 @@ async fn concurrent_callbacks_for_many_calls_all_commit(backend: Backend) {
         .collect();
     let call_ids: std::collections::HashSet<String> = calls.iter().map(|c| c.id.clone()).collect();
     assert_eq!(job_calls, call_ids);
+    // Every field is stored as a lone callback stores it (the batched statement reads them
+    // from JSON), and the wave really was committed in batches of more than one.
+    let rows = app
+        .rows(
+            "SELECT conversation_duration, recording_url, legs, started_at, ended_at, \
+             final_source, exotel_call_sid, final_payload FROM calls",
+            vec![],
+        )
+        .await;
+    let started = chrono::DateTime::parse_from_rfc3339("2019-04-08T03:17:59+05:30")
+        .unwrap()
+        .timestamp_millis();
+    for r in &rows {
+        assert_eq!(r["conversation_duration"], 32, "{r}");
+        assert!(
+            r["recording_url"]
+                .as_str()
+                .unwrap()
+                .ends_with("xxdewfcwsdw.mp3")
+        );
+        let legs: Value = serde_json::from_str(r["legs"].as_str().unwrap()).unwrap();
+        assert_eq!(legs.as_array().unwrap().len(), 2);
+        assert_eq!(legs[0]["on_call_duration"], 41);
+        assert_eq!(r["started_at"], started);
+        assert_eq!(r["ended_at"], started + 37_000);
+        assert_eq!(r["final_source"], "callback");
+        assert!(r["exotel_call_sid"].as_str().unwrap().starts_with("sidg"));
+        let raw: Value = serde_json::from_str(r["final_payload"].as_str().unwrap()).unwrap();
+        assert_eq!(raw["ConversationDuration"], 32);
+    }
+    let metrics = app
+        .http
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {metrics}"))
+    };
+    assert!(
+        value("callbridge_ingest_batch_size_sum") > value("callbridge_ingest_batch_size_count"),
+        "some commit held more than one callback"
+    );
+    // A second wave mixing new calls, repeats (of old and new calls), an unknown token and a
+    // foreign CallSid: each answered on its own merits; only the new calls enqueue.
+    let mut fresh = Vec::new();
+    for i in 0..8 {
+        fresh.push(app.place(&t, &format!("+9198765432{i:02}")).await);
+    }
+    let unknown = format!("{}/hooks/exotel/status/{}", app.base, "Z".repeat(32));
+    let mut wave: Vec<(String, String)> = vec![
+        (unknown, fresh[0].sid.clone()),
+        (fresh[1].url.clone(), "someone-elses-sid".to_owned()),
+        (fresh[2].url.clone(), fresh[2].sid.clone()),
+    ];
+    for c in fresh.iter().skip(2).chain(calls.iter().take(4)) {
+        wave.push((c.url.clone(), c.sid.clone()));
+    }
+    let answers = futures_util::future::join_all(wave.iter().map(|(url, sid)| {
+        let app = &app;
+        async move {
+            app.callback(url, "application/json", guide_callback(sid).to_string())
+                .await
+                .status()
+                .as_u16()
+        }
+    }))
+    .await;
+    assert_eq!(answers[0], 404);
+    assert_eq!(answers[1], 400);
+    assert!(answers[2..].iter().all(|s| *s == 200), "{answers:?}");
+    assert_eq!(app.count("jobs").await, 48 + 6);
+    assert_eq!(app.view(&t, &fresh[1].id).await["status"], "in-progress");
+    assert_eq!(app.view(&t, &fresh[2].id).await["status"], "completed");
 }
 
 async fn a_progress_callback_updates_without_finalising(backend: Backend) {
