@@ -15,7 +15,8 @@
 //! - Expired sessions stop routing at once: every lookup checks `expires_at`. Their routing keys
 //!   are released by the background sweep (`masking_sweep_interval_secs`) and, lazily, by any
 //!   allocation or pool change that touches them.
-//! - Every dial-whom lookup is one indexed query; the TTL slides on each routed call.
+//! - Every dial-whom lookup is one indexed query; the TTL slides on each routed call (written
+//!   when it moves by more than a tenth of the TTL, at most a minute).
 
 use std::collections::HashMap;
 
@@ -1476,11 +1477,14 @@ pub async fn dial_whom(
     {
         db.execute_raw(stmt(
             backend,
-            "UPDATE masking_sessions SET expires_at = CASE \
-             WHEN expires_at > ? + ttl_seconds * 1000 THEN expires_at \
-             ELSE ? + ttl_seconds * 1000 END, last_interaction_at = ? \
-             WHERE id = ? AND status = 'open'",
-            vec![now.into(), now.into(), now.into(), sid.clone().into()],
+            // Written on the first routed call, then only when the expiry would move by more
+            // than a tenth of the TTL (at most a minute): Exotel is waiting on the line, and a
+            // hot session is not rewritten on every call. The expiry slides to within that.
+            "UPDATE masking_sessions SET expires_at = ? + ttl_seconds * 1000, \
+             last_interaction_at = ? WHERE id = ? AND status = 'open' \
+             AND (last_interaction_at IS NULL OR expires_at < ? + ttl_seconds * 1000 - \
+             CASE WHEN ttl_seconds * 100 < 60000 THEN ttl_seconds * 100 ELSE 60000 END)",
+            vec![now.into(), now.into(), sid.clone().into(), now.into()],
         ))
         .await?;
     }
