@@ -15,6 +15,7 @@ pub mod calls;
 pub mod csrf;
 pub mod dashboard;
 pub mod dead_letters;
+pub mod masking;
 pub mod settings;
 pub mod users;
 
@@ -61,6 +62,19 @@ pub fn router(state: &AppState) -> Router<AppState> {
             get(agents::edit_form).post(agents::update),
         )
         .route("/admin/agents/{id}/delete", post(agents::remove))
+        .route("/admin/masking", get(masking::numbers))
+        .route("/admin/masking/numbers", post(masking::add_numbers))
+        .route(
+            "/admin/masking/numbers/{number}/remove",
+            post(masking::remove_number),
+        )
+        .route("/admin/masking/sessions", get(masking::sessions))
+        .route(
+            "/admin/masking/sessions/{id}/close",
+            post(masking::close_session),
+        )
+        .route("/admin/masking/setup", get(masking::setup))
+        .route("/admin/masking/settings", post(masking::save_settings))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::guard));
     Router::new()
         .route(
@@ -106,7 +120,11 @@ pub const NAV: &[NavItem] = &[
         label: "Agents",
     },
     // Connectors (OAuth installs) goes here.
-    // Virtual numbers / Sessions (masking) goes here.
+    NavItem {
+        key: "masking",
+        href: "/admin/masking",
+        label: "Masking",
+    },
     NavItem {
         key: "settings",
         href: "/admin/settings",
