@@ -3,12 +3,14 @@
 //! tenant isolation. Every write is checked in the database, not only in the page.
 
 use callbridge::masking::{self, NewParticipant, NewSession, SessionView};
+use futures_util::FutureExt;
 use reqwest::{StatusCode, header};
 use serde_json::Value;
 
 use crate::{
-    admin::{Browser, location, signed_in},
+    admin::{Browser, PASSWORD, location, signed_in},
     both_backends,
+    browser::{browser, screenshot, start_driver},
     helpers::*,
 };
 
@@ -195,7 +197,7 @@ async fn pool_page_lists_adds_and_removes_numbers(backend: Backend) {
         )
         .await;
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
-    assert_eq!(pool(&app, &t).await, [used.clone()]);
+    assert_eq!(pool(&app, &t).await, vec![used.clone()]);
     let html = b.page(&location(&r)).await;
     assert!(html.contains("The number was removed from the pool."));
     assert!(!html.contains(&format!("data-number=\"{free}\"")));
@@ -452,7 +454,7 @@ async fn masking_writes_without_the_csrf_token_are_refused(backend: Backend) {
             "{path}"
         );
     }
-    assert_eq!(pool(&app, &t).await, [n.clone()]);
+    assert_eq!(pool(&app, &t).await, vec![n.clone()]);
     assert_eq!(session_status(&app, &s.id).await, "open");
     assert_eq!(allocations_of(&app, &s.id).await, 2);
     assert!(settings_row(&app, &t).await.is_none());
@@ -605,4 +607,117 @@ async fn flow_setup_shows_this_tenants_own_flow_urls(backend: Backend) {
     let r = anon.get("/admin/masking/setup").await;
     assert_eq!(r.status(), StatusCode::SEE_OTHER);
     assert!(location(&r).starts_with("/admin/login"));
+}
+
+/// The three masking pages at phone width in headless Chromium (like the console's browser
+/// test): nothing wider than the screen, the close button usable; screenshots under
+/// `target/screenshots/masking-*.png`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn masking_pages_fit_a_phone_screen() {
+    use fantoccini::Locator;
+    let driver = start_driver().await;
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let t = app.tenant(false).await;
+    callbridge::admin::users::create(&app.state.db, &t.id, "ops@acme.example", PASSWORD)
+        .await
+        .unwrap();
+    masking::add_numbers(
+        &app.state.db,
+        &t.id,
+        &["+918047112233".into(), "+918047112234".into()],
+    )
+    .await
+    .unwrap();
+    let caller = session(&app, &t, "+919811111111", "+919822222222", "caller").await;
+    session(&app, &t, "+919833333333", "+919844444444", "pin").await;
+
+    let c = browser(&driver).await;
+    let result = std::panic::AssertUnwindSafe(async {
+        c.set_window_size(390, 844).await.unwrap();
+        c.goto(&format!("{}/admin/login", app.base)).await.unwrap();
+        c.find(Locator::Css("input#email"))
+            .await
+            .unwrap()
+            .send_keys("ops@acme.example")
+            .await
+            .unwrap();
+        c.find(Locator::Css("input#password"))
+            .await
+            .unwrap()
+            .send_keys(PASSWORD)
+            .await
+            .unwrap();
+        c.find(Locator::Css("form button[type=submit]"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+        c.wait()
+            .at_most(std::time::Duration::from_secs(15))
+            .for_element(Locator::Css("nav.main"))
+            .await
+            .unwrap();
+        for (path, name, css) in [
+            ("/admin/masking", "masking-numbers-phone", "table#pool"),
+            (
+                "/admin/masking/sessions",
+                "masking-sessions-phone",
+                "table#sessions",
+            ),
+            (
+                "/admin/masking/setup",
+                "masking-setup-phone",
+                "form#masking-settings",
+            ),
+        ] {
+            c.goto(&format!("{}{path}", app.base)).await.unwrap();
+            c.wait()
+                .at_most(std::time::Duration::from_secs(15))
+                .for_element(Locator::Css(css))
+                .await
+                .unwrap_or_else(|e| panic!("{css} on {path}: {e}"));
+            let fits = c
+                .execute(
+                    "return document.documentElement.scrollWidth <= window.innerWidth && \
+                     Array.from(document.querySelectorAll('.table-wrap')) \
+                     .every(e => e.scrollWidth <= e.clientWidth);",
+                    vec![],
+                )
+                .await
+                .unwrap();
+            c.set_window_size(390, 1600).await.unwrap();
+            screenshot(&c, name).await;
+            c.set_window_size(390, 844).await.unwrap();
+            assert_eq!(
+                fits,
+                serde_json::json!(true),
+                "{path} is wider than a phone"
+            );
+        }
+        c.goto(&format!("{}/admin/masking/sessions", app.base))
+            .await
+            .unwrap();
+        c.find(Locator::Css(&format!(
+            "tr[data-session='{}'] button[type=submit]",
+            caller.id
+        )))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+        c.wait()
+            .at_most(std::time::Duration::from_secs(15))
+            .for_element(Locator::Css("p.notice"))
+            .await
+            .unwrap();
+    })
+    .catch_unwind()
+    .await;
+    let _ = c.close().await;
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+    assert_eq!(session_status(&app, &caller.id).await, "closed");
 }
