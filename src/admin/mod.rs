@@ -16,6 +16,7 @@ pub mod connectors;
 pub mod csrf;
 pub mod dashboard;
 pub mod dead_letters;
+pub mod masking;
 pub mod settings;
 pub mod users;
 
@@ -76,6 +77,19 @@ pub fn router(state: &AppState) -> Router<AppState> {
             "/admin/connectors/{name}/marketplace",
             get(connectors::marketplace_form).post(connectors::marketplace_confirm),
         )
+        .route("/admin/masking", get(masking::numbers))
+        .route("/admin/masking/numbers", post(masking::add_numbers))
+        .route(
+            "/admin/masking/numbers/{number}/remove",
+            post(masking::remove_number),
+        )
+        .route("/admin/masking/sessions", get(masking::sessions))
+        .route(
+            "/admin/masking/sessions/{id}/close",
+            post(masking::close_session),
+        )
+        .route("/admin/masking/setup", get(masking::setup))
+        .route("/admin/masking/settings", post(masking::save_settings))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::guard));
     Router::new()
         .route(
@@ -97,8 +111,7 @@ pub struct NavItem {
     pub label: &'static str,
 }
 
-/// The navigation bar, in order. Pages added by other areas (Connectors; Virtual numbers /
-/// Sessions) add their entry here.
+/// The navigation bar, in order.
 pub const NAV: &[NavItem] = &[
     NavItem {
         key: "home",
@@ -125,7 +138,11 @@ pub const NAV: &[NavItem] = &[
         href: "/admin/connectors",
         label: "Connectors",
     },
-    // Virtual numbers / Sessions (masking) goes here.
+    NavItem {
+        key: "masking",
+        href: "/admin/masking",
+        label: "Masking",
+    },
     NavItem {
         key: "settings",
         href: "/admin/settings",

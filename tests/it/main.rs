@@ -4,6 +4,7 @@
 //! Every scenario runs on SQLite and on PostgreSQL (`both_backends!`).
 
 mod admin;
+mod admin_masking;
 mod browser;
 mod cli;
 mod click_to_call;
