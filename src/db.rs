@@ -71,6 +71,17 @@ pub async fn begin_write(db: &DatabaseConnection) -> Result<DatabaseTransaction,
     .await
 }
 
+/// A subquery yielding the elements of a JSON array of strings bound as one parameter, for
+/// `col IN (…)`: one statement text for any number of ids, so it is prepared once and cached.
+#[must_use]
+pub fn json_ids_subquery(backend: DbBackend) -> &'static str {
+    if backend == DbBackend::Postgres {
+        "SELECT json_array_elements_text(CAST(? AS json))"
+    } else {
+        "SELECT value FROM json_each(?)"
+    }
+}
+
 /// Now, in Unix milliseconds: the unit of every stored timestamp.
 #[must_use]
 pub fn now_ms() -> i64 {

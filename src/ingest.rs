@@ -515,16 +515,6 @@ async fn finalize_bulk(
         .collect()
 }
 
-/// `IN (…)` over a JSON array of ids bound as one parameter: one statement text for any number
-/// of ids, so it is prepared once and cached.
-fn ids_in_json(backend: DbBackend) -> &'static str {
-    if backend == DbBackend::Postgres {
-        "SELECT json_array_elements_text(CAST(? AS json))"
-    } else {
-        "SELECT value FROM json_each(?)"
-    }
-}
-
 /// Insert one delivery job per sink of each finished call: the tenant webhook, and the CRM
 /// installation the call is linked to (see `crate::crm::writeback`). Each sink is one
 /// statement whatever the batch size; `dedupe_key` makes a second enqueue a no-op.
@@ -540,7 +530,7 @@ pub(crate) async fn enqueue_deliveries(
     }
     let ids = serde_json::to_string(&finished.iter().map(|(id, _)| id).collect::<Vec<_>>())
         .unwrap_or_else(|_| "[]".into());
-    let ids_in = ids_in_json(backend);
+    let ids_in = db::json_ids_subquery(backend);
     // `WHERE` keeps SQLite's parser from reading `ON CONFLICT` as a join constraint.
     let webhook = txn
         .execute_raw(stmt(

@@ -75,6 +75,8 @@ pub struct Inner {
     pub connectors: crm::Registry,
     /// CRM token custody (single-flight refresh).
     pub tokens: crm::tokens::TokenBroker,
+    /// Masking-session TTL slides, recorded off the dial-whom answer path.
+    pub slides: masking::Slides,
 }
 
 impl std::ops::Deref for AppState {
@@ -171,6 +173,7 @@ pub async fn build_state(
     let exotel_offset =
         exotel::parse_offset(&config.exotel_utc_offset).map_err(anyhow::Error::msg)?;
     let public_base = config.public_base();
+    let slides = masking::Slides::start(db.clone());
     let connectors = extra_connectors
         .into_iter()
         .fold(crm::Registry::from_config(&config, &http)?, |r, c| {
@@ -191,6 +194,7 @@ pub async fn build_state(
             demo,
             connectors,
             tokens: crm::tokens::TokenBroker::default(),
+            slides,
         })),
         handle,
     ))

@@ -15,7 +15,8 @@
 //! - Expired sessions stop routing at once: every lookup checks `expires_at`. Their routing keys
 //!   are released by the background sweep (`masking_sweep_interval_secs`) and, lazily, by any
 //!   allocation or pool change that touches them.
-//! - Every dial-whom lookup is one indexed query; the TTL slides on each routed call (written
+//! - Every dial-whom lookup is one indexed query and the answer waits for nothing else; the TTL
+//!   slides on each routed call, recorded in batches by [`Slides`] off the answer path (written
 //!   when it moves by more than a tenth of the TTL, at most a minute).
 
 use std::collections::HashMap;
@@ -1475,18 +1476,8 @@ pub async fn dial_whom(
         ..
     }) = &route
     {
-        db.execute_raw(stmt(
-            backend,
-            // Written on the first routed call, then only when the expiry would move by more
-            // than a tenth of the TTL (at most a minute): Exotel is waiting on the line, and a
-            // hot session is not rewritten on every call. The expiry slides to within that.
-            "UPDATE masking_sessions SET expires_at = ? + ttl_seconds * 1000, \
-             last_interaction_at = ? WHERE id = ? AND status = 'open' \
-             AND (last_interaction_at IS NULL OR expires_at < ? + ttl_seconds * 1000 - \
-             CASE WHEN ttl_seconds * 100 < 60000 THEN ttl_seconds * 100 ELSE 60000 END)",
-            vec![now.into(), now.into(), sid.clone().into(), now.into()],
-        ))
-        .await?;
+        // Recorded off the answer path: Exotel is waiting on the line.
+        state.slides.slide(sid);
     }
     if route.is_none()
         && let Some(f) = &t.settings.fallback_number
@@ -1898,4 +1889,60 @@ mod tests {
         assert_eq!(format_for_dial("+917995679243", "national"), "07995679243");
         assert_eq!(format_for_dial("+917995679243", "e164"), "+917995679243");
     }
+}
+
+/// Records the TTL slides of routed calls in the background, many per statement, so a
+/// dial-whom answer never waits on a write (on SQLite, concurrent writers would otherwise queue
+/// on the database lock while Exotel holds the line). A slide is written on a session's first
+/// routed call and then only when it moves the expiry by more than a tenth of the TTL (at most
+/// a minute); a session that expired meanwhile is never revived. Slides still queued when the process stops are lost: the session then expires
+/// up to that much earlier.
+#[derive(Clone, Debug)]
+pub struct Slides {
+    tx: tokio::sync::mpsc::Sender<String>,
+}
+
+impl Slides {
+    /// Start the recorder on `db`.
+    #[must_use]
+    pub fn start(db: DatabaseConnection) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(8192);
+        tokio::spawn(async move {
+            let mut ids = Vec::with_capacity(512);
+            while rx.recv_many(&mut ids, 512).await > 0 {
+                ids.sort_unstable();
+                ids.dedup();
+                if let Err(e) = record_slides(&db, &ids, db::now_ms()).await {
+                    tracing::warn!(error = %e, sessions = ids.len(), "could not record session TTL slides");
+                }
+                ids.clear();
+            }
+        });
+        Self { tx }
+    }
+
+    /// Queue a slide of session `id` (dropped, with a log line, if the queue is full).
+    pub fn slide(&self, id: &str) {
+        if self.tx.try_send(id.to_owned()).is_err() {
+            tracing::debug!(session = %id, "slide queue full; slide dropped");
+        }
+    }
+}
+
+async fn record_slides(db: &DatabaseConnection, ids: &[String], now: i64) -> Result<(), DbErr> {
+    let backend = backend_of(db);
+    let json = serde_json::to_string(ids).unwrap_or_else(|_| "[]".into());
+    db.execute_raw(stmt(
+        backend,
+        &format!(
+            "UPDATE masking_sessions SET expires_at = ? + ttl_seconds * 1000, \
+             last_interaction_at = ? WHERE id IN ({}) AND status = 'open' AND expires_at > ? \
+             AND (last_interaction_at IS NULL OR expires_at < ? + ttl_seconds * 1000 - \
+             CASE WHEN ttl_seconds * 100 < 60000 THEN ttl_seconds * 100 ELSE 60000 END)",
+            db::json_ids_subquery(backend)
+        ),
+        vec![now.into(), now.into(), json.into(), now.into(), now.into()],
+    ))
+    .await?;
+    Ok(())
 }
