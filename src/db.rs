@@ -42,6 +42,8 @@ pub async fn connect(config: &Config) -> anyhow::Result<DatabaseConnection> {
                 .busy_timeout(Duration::from_secs(10))
                 .foreign_keys(true)
                 .pragma("temp_store", "memory")
+                // Checkpoints run in `run_checkpointer`, not inside a committing callback batch.
+                .pragma("wal_autocheckpoint", "0")
                 .create_if_missing(true)
         });
     }
@@ -161,4 +163,29 @@ mod tests {
             "postgres://u:***@h/db"
         );
     }
+}
+
+/// SQLite only: checkpoint the WAL in the background (PASSIVE: never blocks writers) every
+/// `every`, so commits on the callback path never pay for a checkpoint. Returns at shutdown.
+pub async fn run_checkpointer(
+    db: DatabaseConnection,
+    every: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(every) => {}
+        }
+        if let Err(e) = db
+            .execute_unprepared("PRAGMA wal_checkpoint(PASSIVE)")
+            .await
+        {
+            tracing::warn!(error = %e, "WAL checkpoint failed");
+        }
+    }
+    // Leave a short WAL behind.
+    let _ = db
+        .execute_unprepared("PRAGMA wal_checkpoint(TRUNCATE)")
+        .await;
 }

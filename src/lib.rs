@@ -319,6 +319,13 @@ impl Application {
         if state.config.reconcile_enabled {
             tasks.spawn(reconcile::run(state.clone(), shutdown.clone()));
         }
+        if !state.config.is_postgres() {
+            tasks.spawn(db::run_checkpointer(
+                state.db.clone(),
+                std::time::Duration::from_millis(500),
+                shutdown.clone(),
+            ));
+        }
         if state.config.masking_sweep_interval_secs > 0 {
             tasks.spawn(masking::run_sweeper(state.clone(), shutdown.clone()));
         }
