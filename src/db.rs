@@ -144,27 +144,6 @@ pub fn is_unique_violation(err: &DbErr) -> bool {
     )
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn placeholders_are_numbered_for_postgres() {
-        let s = stmt(DbBackend::Postgres, "a = ? AND b IN (?, ?)", vec![]);
-        assert_eq!(s.sql, "a = $1 AND b IN ($2, $3)");
-        let s = stmt(DbBackend::Sqlite, "a = ?", vec![]);
-        assert_eq!(s.sql, "a = ?");
-    }
-
-    #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(
-            redact_url("postgres://u:secret@h/db"),
-            "postgres://u:***@h/db"
-        );
-    }
-}
-
 /// SQLite only: checkpoint the WAL in the background (PASSIVE: never blocks writers) every
 /// `every`, so commits on the callback path never pay for a checkpoint. Returns at shutdown.
 pub async fn run_checkpointer(
@@ -188,4 +167,25 @@ pub async fn run_checkpointer(
     let _ = db
         .execute_unprepared("PRAGMA wal_checkpoint(TRUNCATE)")
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_numbered_for_postgres() {
+        let s = stmt(DbBackend::Postgres, "a = ? AND b IN (?, ?)", vec![]);
+        assert_eq!(s.sql, "a = $1 AND b IN ($2, $3)");
+        let s = stmt(DbBackend::Sqlite, "a = ?", vec![]);
+        assert_eq!(s.sql, "a = ?");
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h/db"),
+            "postgres://u:***@h/db"
+        );
+    }
 }
