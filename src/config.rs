@@ -37,7 +37,7 @@ pub struct Config {
     pub callback_body_limit: usize,
     /// Most callbacks committed in one transaction.
     pub ingest_batch_max: usize,
-    /// Writer tasks committing callback batches (0 = 1 on SQLite, 4 on PostgreSQL).
+    /// Writer tasks committing callback batches (0 = 1 on SQLite, 2 on PostgreSQL).
     pub ingest_writers: usize,
     /// SQLite `synchronous` pragma: `full` (fsync every commit) or `normal`.
     pub sqlite_synchronous: String,
