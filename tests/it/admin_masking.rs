@@ -635,24 +635,7 @@ async fn masking_pages_fit_a_phone_screen() {
     let result = std::panic::AssertUnwindSafe(async {
         c.set_window_size(390, 844).await.unwrap();
         c.goto(&format!("{}/admin/login", app.base)).await.unwrap();
-        c.find(Locator::Css("input#email"))
-            .await
-            .unwrap()
-            .send_keys("ops@acme.example")
-            .await
-            .unwrap();
-        c.find(Locator::Css("input#password"))
-            .await
-            .unwrap()
-            .send_keys(PASSWORD)
-            .await
-            .unwrap();
-        c.find(Locator::Css("form button[type=submit]"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        crate::browser::sign_in(&c, "ops@acme.example").await;
         c.wait()
             .at_most(std::time::Duration::from_secs(15))
             .for_element(Locator::Css("nav.main"))

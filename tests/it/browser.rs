@@ -115,6 +115,28 @@ pub async fn screenshot(c: &Client, name: &str) -> PathBuf {
     path
 }
 
+/// Fill in and submit the login form on the current page.
+pub async fn sign_in(c: &Client, email: &str) {
+    c.find(Locator::Css("input#email"))
+        .await
+        .unwrap()
+        .send_keys(email)
+        .await
+        .unwrap();
+    c.find(Locator::Css("input#password"))
+        .await
+        .unwrap()
+        .send_keys(PASSWORD)
+        .await
+        .unwrap();
+    c.find(Locator::Css("form button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+}
+
 async fn wait_for(c: &Client, css: &str) -> fantoccini::elements::Element {
     c.wait()
         .at_most(Duration::from_secs(15))
@@ -161,24 +183,7 @@ async fn admin_console_in_headless_chromium() {
         );
         screenshot(&c, "01-login").await;
 
-        c.find(Locator::Css("input#email"))
-            .await
-            .unwrap()
-            .send_keys("ops@acme.example")
-            .await
-            .unwrap();
-        c.find(Locator::Css("input#password"))
-            .await
-            .unwrap()
-            .send_keys(PASSWORD)
-            .await
-            .unwrap();
-        c.find(Locator::Css("form button[type=submit]"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        sign_in(&c, "ops@acme.example").await;
         // Back where we asked to go.
         wait_for(&c, "form#settings-form").await;
         assert_eq!(c.current_url().await.unwrap().path(), "/admin/settings");
@@ -286,24 +291,7 @@ async fn crm_install_and_write_back_in_headless_chromium() {
             .await
             .unwrap();
         wait_for(&c, "input#email").await;
-        c.find(Locator::Css("input#email"))
-            .await
-            .unwrap()
-            .send_keys("ops@acme.example")
-            .await
-            .unwrap();
-        c.find(Locator::Css("input#password"))
-            .await
-            .unwrap()
-            .send_keys(PASSWORD)
-            .await
-            .unwrap();
-        c.find(Locator::Css("form button[type=submit]"))
-            .await
-            .unwrap()
-            .click()
-            .await
-            .unwrap();
+        sign_in(&c, "ops@acme.example").await;
         wait_for(&c, "section#connector-fakecrm").await;
         screenshot(&c, "10-connectors-before").await;
         // Install: our start → the CRM's authorize → our callback → the Connectors page.
