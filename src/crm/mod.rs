@@ -78,12 +78,6 @@ impl Registry {
     pub fn iter(&self) -> impl Iterator<Item = (&'static str, &Arc<dyn Connector>)> {
         self.connectors.iter().map(|(k, v)| (*k, v))
     }
-
-    /// Whether no connector runs.
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.connectors.is_empty()
-    }
 }
 
 /// A connector's display name.

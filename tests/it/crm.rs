@@ -95,6 +95,22 @@ async fn map_agent(s: &Setup, phone: &str, user: &str) {
     .unwrap();
 }
 
+/// List the fake CRM's users with the installation's token (refreshing it when refused).
+async fn users_through_the_broker(
+    state: &callbridge::AppState,
+    inst: &str,
+) -> Result<usize, CallError> {
+    let connector = state.connectors.get("fakecrm").unwrap().clone();
+    state
+        .tokens
+        .call(state, inst, |ctx, token| {
+            let connector = connector.clone();
+            async move { connector.list_users(&ctx, &token).await }
+        })
+        .await
+        .map(|u| u.len())
+}
+
 async fn click(s: &Setup, body: Value, signature: &str) -> reqwest::Response {
     s.app
         .http
@@ -451,22 +467,11 @@ async fn a_hundred_refused_requests_cause_one_refresh(backend: Backend) {
     let inst = install(&s).await;
     s.crm.data().refresh_delay_ms = 100;
     s.crm.expire_access_tokens();
-    let connector = s.app.state.connectors.get("fakecrm").unwrap().clone();
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..100 {
         let state = s.app.state.clone();
         let inst = inst.clone();
-        let connector = connector.clone();
-        set.spawn(async move {
-            state
-                .tokens
-                .call(&state, &inst, |ctx, token| {
-                    let connector = connector.clone();
-                    async move { connector.list_users(&ctx, &token).await }
-                })
-                .await
-                .map(|u| u.len())
-        });
+        set.spawn(async move { users_through_the_broker(&state, &inst).await });
     }
     while let Some(r) = set.join_next().await {
         assert_eq!(r.unwrap().unwrap(), 2);
@@ -509,17 +514,7 @@ async fn instances_sharing_the_database_refresh_once(backend: Backend) {
     for i in 0..60 {
         let state = states[i % 2].clone();
         let inst = inst.clone();
-        set.spawn(async move {
-            let connector = state.connectors.get("fakecrm").unwrap().clone();
-            state
-                .tokens
-                .call(&state, &inst, |ctx, token| {
-                    let connector = connector.clone();
-                    async move { connector.list_users(&ctx, &token).await }
-                })
-                .await
-                .map(|u| u.len())
-        });
+        set.spawn(async move { users_through_the_broker(&state, &inst).await });
     }
     while let Some(r) = set.join_next().await {
         assert_eq!(r.unwrap().unwrap(), 2);
