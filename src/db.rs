@@ -47,9 +47,41 @@ pub async fn connect(config: &Config) -> anyhow::Result<DatabaseConnection> {
                 .create_if_missing(true)
         });
     }
+    if config.is_postgres() && loopback_without_sslmode(&config.database_url) {
+        // sqlx's default `prefer` negotiates TLS even to 127.0.0.1: the encryption and TLS's
+        // 16 KiB records (each a separate segment that can wait on a delayed ACK) halved the
+        // callbacks/s callbridge-bench measured. Traffic that never leaves the machine gets
+        // plain TCP unless the URL asks for TLS with an explicit `sslmode`.
+        tracing::info!("PostgreSQL on loopback without sslmode in the URL: connecting without TLS");
+        opts.map_sqlx_postgres_opts(|o| o.ssl_mode(sea_orm::sqlx::postgres::PgSslMode::Disable));
+    }
     Database::connect(opts)
         .await
         .with_context(|| format!("connecting to {}", redact_url(&config.database_url)))
+}
+
+/// Whether `url` names a PostgreSQL server on this machine's loopback (`localhost`, 127.0.0.0/8,
+/// `::1`) over TCP and says nothing about `sslmode`.
+fn loopback_without_sslmode(url: &str) -> bool {
+    let Ok(u) = url::Url::parse(url) else {
+        return false;
+    };
+    if u.query_pairs()
+        .any(|(k, _)| k == "sslmode" || k == "ssl-mode" || k == "host")
+    {
+        return false;
+    }
+    match u.host() {
+        // `postgres:` is not a special scheme, so an IPv4 address arrives as an opaque host.
+        Some(url::Host::Domain(d)) => {
+            d.eq_ignore_ascii_case("localhost")
+                || d.parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
 }
 
 /// Bring the schema up to date.
@@ -179,6 +211,28 @@ mod tests {
         assert_eq!(s.sql, "a = $1 AND b IN ($2, $3)");
         let s = stmt(DbBackend::Sqlite, "a = ?", vec![]);
         assert_eq!(s.sql, "a = ?");
+    }
+
+    #[test]
+    fn only_loopback_urls_without_sslmode_drop_tls() {
+        for url in [
+            "postgres://postgres@127.0.0.1:5432/test",
+            "postgres://u:p@localhost/db",
+            "postgresql://u@[::1]:5433/db?application_name=cb",
+            "postgres://u@127.0.0.2/db",
+        ] {
+            assert!(loopback_without_sslmode(url), "{url}");
+        }
+        for url in [
+            "postgres://u@127.0.0.1/db?sslmode=require",
+            "postgres://u@localhost/db?sslmode=prefer",
+            "postgres://u@db.internal:5432/db",
+            "postgres://u@10.0.0.5/db",
+            "postgres://u@localhost/db?host=/var/run/postgresql",
+            "not a url",
+        ] {
+            assert!(!loopback_without_sslmode(url), "{url}");
+        }
     }
 
     #[test]
