@@ -460,8 +460,8 @@ pub async fn place_with(
     txn.execute_raw(stmt(
         backend,
         "INSERT INTO calls (id, tenant_id, token_hash, direction, from_number, to_number, \
-         caller_id, custom_field, record, status, reconcile_attempts, next_reconcile_at, \
-         created_at, updated_at) VALUES (?, ?, ?, 'outbound', ?, ?, ?, ?, ?, 'initiating', 0, ?, ?, ?)",
+         caller_id, custom_field, record, status, created_at, updated_at) \
+         VALUES (?, ?, ?, 'outbound', ?, ?, ?, ?, ?, 'initiating', ?, ?)",
         vec![
             call_id.clone().into(),
             t.id.clone().into(),
@@ -471,10 +471,16 @@ pub async fn place_with(
             caller_id.clone().into(),
             req.custom_field.clone().into(),
             record.into(),
-            reconcile_at.into(),
             now.into(),
             now.into(),
         ],
+    ))
+    .await?;
+    // Asked about through the call-details API if no final state has arrived by then.
+    txn.execute_raw(stmt(
+        backend,
+        "INSERT INTO call_reconcile (call_id, due_at, attempts) VALUES (?, ?, 0)",
+        vec![call_id.clone().into(), reconcile_at.into()],
     ))
     .await?;
     match &crm {
@@ -540,19 +546,8 @@ pub async fn place_with(
             };
             state.metrics.calls.with_label_values(&[label]).inc();
             tracing::warn!(call = %call_id, error = %e, "Exotel connect failed");
-            let r = db
-                .execute_raw(stmt(
-                    backend,
-                    "UPDATE calls SET status = ?, error = ?, next_reconcile_at = NULL, \
-                     updated_at = ? WHERE id = ? AND finalized_at IS NULL",
-                    vec![
-                        status.into(),
-                        e.to_string().into(),
-                        now.into(),
-                        call_id.clone().into(),
-                    ],
-                ))
-                .await;
+            // Not reconciled: without a CallSid there is nothing to ask Exotel about.
+            let r = mark_connect_failed(db, &call_id, status, &e.to_string(), now).await;
             if status == "failed" {
                 // Nothing rang: let the user click again right away.
                 let _ = db
@@ -586,4 +581,33 @@ pub async fn place_with(
             message: e.to_string(),
         }),
     }
+}
+
+/// Exotel did not take the call: store why, and take it off the reconciler's schedule (without
+/// a CallSid there is nothing to ask the call-details API), in one transaction.
+async fn mark_connect_failed(
+    db: &DatabaseConnection,
+    call_id: &str,
+    status: &str,
+    error: &str,
+    now: i64,
+) -> Result<sea_orm::ExecResult, sea_orm::DbErr> {
+    let backend = db.get_database_backend();
+    let txn = db::begin_write(db).await?;
+    let updated = txn
+        .execute_raw(stmt(
+            backend,
+            "UPDATE calls SET status = ?, error = ?, updated_at = ? \
+             WHERE id = ? AND finalized_at IS NULL",
+            vec![status.into(), error.into(), now.into(), call_id.into()],
+        ))
+        .await?;
+    txn.execute_raw(stmt(
+        backend,
+        "DELETE FROM call_reconcile WHERE call_id = ?",
+        vec![call_id.into()],
+    ))
+    .await?;
+    txn.commit().await?;
+    Ok(updated)
 }

@@ -109,8 +109,6 @@ pub mod call {
         pub recording_url: Option<String>,
         pub legs: Option<String>,
         pub final_payload: Option<String>,
-        pub reconcile_attempts: i32,
-        pub next_reconcile_at: Option<i64>,
         pub created_at: i64,
         pub updated_at: i64,
         /// The CRM installation this call is written back to.

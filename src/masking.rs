@@ -1693,9 +1693,9 @@ pub async fn record_passthru(
             "INSERT INTO calls (id, tenant_id, token_hash, direction, from_number, to_number, \
              caller_id, custom_field, record, exotel_call_sid, status, error, started_at, \
              ended_at, finalized_at, final_source, conversation_duration, recording_url, legs, \
-             final_payload, reconcile_attempts, next_reconcile_at, created_at, updated_at) \
-             VALUES (?, ?, ?, 'inbound', ?, ?, ?, NULL, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?, ?, ?, 0, \
-             NULL, ?, ?) ON CONFLICT (tenant_id, exotel_call_sid) DO NOTHING RETURNING id",
+             final_payload, created_at, updated_at) \
+             VALUES (?, ?, ?, 'inbound', ?, ?, ?, NULL, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?, ?, ?, ?, \
+             ?) ON CONFLICT (tenant_id, exotel_call_sid) DO NOTHING RETURNING id",
             vec![
                 call_id.clone().into(),
                 t.id.clone().into(),
@@ -1777,7 +1777,7 @@ pub async fn record_passthru(
         crate::crm::link_to_agent_crm(&txn, &id, &t.id, &to).await?;
     }
     let enqueued = if finished {
-        crate::ingest::enqueue_deliveries(
+        crate::ingest::after_finalize(
             &txn,
             backend,
             &[(id.clone(), t.id.clone())],

@@ -2,8 +2,9 @@
 //! after they were placed are looked up through the call-details API and finalised through the
 //! same writer as a callback (same idempotency, same delivery jobs).
 //!
-//! Calls are claimed with a lease (`next_reconcile_at` pushed forward in the claiming
-//! statement; `SKIP LOCKED` on PostgreSQL) so instances never ask twice, and each Exotel account
+//! Open calls wait in `call_reconcile` (deleted when the final state is stored). They are
+//! claimed with a lease (`due_at` pushed forward in the claiming statement; `SKIP LOCKED` on
+//! PostgreSQL) so instances never ask twice, and each Exotel account
 //! gets at most `reconcile_per_minute` lookups, well under Exotel's 200/min per account.
 
 use std::{collections::HashMap, time::Duration};
@@ -51,19 +52,19 @@ pub async fn pass(state: &AppState) -> anyhow::Result<usize> {
         .div_ceil(60)
         .max(1);
     let lock = if backend == DbBackend::Postgres {
-        " FOR UPDATE SKIP LOCKED"
+        " FOR UPDATE OF r SKIP LOCKED"
     } else {
         ""
     };
     // Lease: five minutes, so a crashed instance's claims come back.
     let sql = format!(
-        "UPDATE calls SET next_reconcile_at = ?, reconcile_attempts = reconcile_attempts + 1 \
-         WHERE id IN (SELECT id FROM calls WHERE next_reconcile_at IS NOT NULL \
-         AND next_reconcile_at <= ? AND finalized_at IS NULL AND exotel_call_sid IS NOT NULL \
-         ORDER BY next_reconcile_at LIMIT ?{lock}) \
-         RETURNING id, tenant_id, exotel_call_sid, reconcile_attempts"
+        "UPDATE call_reconcile SET due_at = ?, attempts = attempts + 1 \
+         WHERE call_id IN (SELECT r.call_id FROM call_reconcile r JOIN calls c ON c.id = r.call_id \
+         WHERE r.due_at <= ? AND c.finalized_at IS NULL AND c.exotel_call_sid IS NOT NULL \
+         ORDER BY r.due_at LIMIT ?{lock}) \
+         RETURNING call_id, attempts"
     );
-    let rows = db
+    let claimed = db
         .query_all_raw(stmt(
             backend,
             &sql,
@@ -74,6 +75,21 @@ pub async fn pass(state: &AppState) -> anyhow::Result<usize> {
             ],
         ))
         .await?;
+    let mut attempts_of: HashMap<String, i32> = HashMap::with_capacity(claimed.len());
+    for row in &claimed {
+        attempts_of.insert(row.try_get("", "call_id")?, row.try_get("", "attempts")?);
+    }
+    let ids = serde_json::to_string(&attempts_of.keys().collect::<Vec<_>>())?;
+    let rows = db
+        .query_all_raw(stmt(
+            backend,
+            &format!(
+                "SELECT id, tenant_id, exotel_call_sid FROM calls WHERE id IN ({}) ORDER BY id",
+                db::json_ids_subquery(backend)
+            ),
+            vec![ids.into()],
+        ))
+        .await?;
     let mut budget: HashMap<String, u64> = HashMap::new();
     let mut tenants_cache: HashMap<String, Option<tenant::Model>> = HashMap::new();
     let mut done = 0;
@@ -81,7 +97,7 @@ pub async fn pass(state: &AppState) -> anyhow::Result<usize> {
         let id: String = row.try_get("", "id")?;
         let tenant_id: String = row.try_get("", "tenant_id")?;
         let sid: String = row.try_get("", "exotel_call_sid")?;
-        let attempts: i32 = row.try_get("", "reconcile_attempts")?;
+        let attempts = attempts_of.get(&id).copied().unwrap_or(1);
         if !tenants_cache.contains_key(&tenant_id) {
             let t = tenant::Entity::find_by_id(tenant_id.clone())
                 .one(db)
@@ -115,7 +131,7 @@ pub async fn pass(state: &AppState) -> anyhow::Result<usize> {
                 tracing::warn!(call = %id, "giving up reconciling after {attempts} attempts");
                 db.execute_raw(stmt(
                     backend,
-                    "UPDATE calls SET next_reconcile_at = NULL WHERE id = ?",
+                    "DELETE FROM call_reconcile WHERE call_id = ?",
                     vec![id.into()],
                 ))
                 .await?;
@@ -153,8 +169,7 @@ async fn reschedule(
         .db
         .execute_raw(stmt(
             backend,
-            "UPDATE calls SET next_reconcile_at = ?, reconcile_attempts = ? \
-             WHERE id = ? AND finalized_at IS NULL",
+            "UPDATE call_reconcile SET due_at = ?, attempts = ? WHERE call_id = ?",
             vec![
                 (now + i64::try_from(wait.as_millis()).unwrap_or(0)).into(),
                 attempts.max(0).into(),

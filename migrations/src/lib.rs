@@ -15,6 +15,7 @@ mod m20261126_000002_masking;
 mod m20261126_000003_admin;
 mod m20261126_000004_recordings;
 mod m20261126_000005_crm;
+mod m20261126_000006_reconcile_queue;
 
 /// The list of migrations, in order.
 #[derive(Debug)]
@@ -29,6 +30,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261126_000003_admin::Migration),
             Box::new(m20261126_000004_recordings::Migration),
             Box::new(m20261126_000005_crm::Migration),
+            Box::new(m20261126_000006_reconcile_queue::Migration),
         ]
     }
 }

@@ -635,6 +635,22 @@ impl TestApp {
             .expect("call row")
     }
 
+    /// The call's place on the reconciler's schedule: `(due_at, attempts)`, `None` when off it.
+    pub async fn schedule(&self, id: &str) -> Option<(i64, i64)> {
+        self.rows(
+            "SELECT due_at, attempts FROM call_reconcile WHERE call_id = ?",
+            vec![id.into()],
+        )
+        .await
+        .pop()
+        .map(|r| {
+            (
+                r["due_at"].as_i64().expect("due_at"),
+                r["attempts"].as_i64().expect("attempts"),
+            )
+        })
+    }
+
     /// Every job row, oldest first.
     pub async fn jobs(&self) -> Vec<Value> {
         self.rows("SELECT * FROM jobs ORDER BY id", vec![]).await

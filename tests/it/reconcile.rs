@@ -68,7 +68,7 @@ async fn a_lost_callback_is_reconciled(backend: Backend) {
     );
     let row = app.call_row(&c.id).await;
     assert_eq!(row["final_source"], "reconcile");
-    assert!(row["next_reconcile_at"].is_null());
+    assert!(app.schedule(&c.id).await.is_none(), "off the schedule");
     assert_eq!(app.count("jobs").await, 1);
 
     // Delivery goes out as for a callback.
@@ -117,8 +117,8 @@ async fn an_unfinished_call_is_asked_again_later(backend: Backend) {
     let row = app.call_row(&c.id).await;
     assert!(row["finalized_at"].is_null());
     assert_eq!(row["status"], "in-progress");
-    assert_eq!(row["reconcile_attempts"], 1);
-    let next = row["next_reconcile_at"].as_i64().expect("rescheduled");
+    let (next, attempts) = app.schedule(&c.id).await.expect("rescheduled");
+    assert_eq!(attempts, 1);
     assert!(
         next >= before + 60_000,
         "asked again too soon: {next} vs {before}"
@@ -140,7 +140,7 @@ async fn an_unfinished_call_is_asked_again_later(backend: Backend) {
         .mount(&app.exotel)
         .await;
     app.exec(
-        "UPDATE calls SET next_reconcile_at = ? WHERE id = ?",
+        "UPDATE call_reconcile SET due_at = ? WHERE call_id = ?",
         vec![(callbridge::db::now_ms() - 1).into(), c.id.clone().into()],
     )
     .await;
@@ -178,15 +178,13 @@ async fn the_per_account_budget_limits_lookups(backend: Backend) {
     // The calls over budget were released for the next pass, not counted as attempts.
     let waiting = app
         .rows(
-            "SELECT reconcile_attempts FROM calls WHERE finalized_at IS NULL",
+            "SELECT r.attempts FROM call_reconcile r JOIN calls c ON c.id = r.call_id \
+             WHERE c.finalized_at IS NULL",
             vec![],
         )
         .await;
     assert_eq!(waiting.len(), 3);
-    assert!(
-        waiting.iter().all(|r| r["reconcile_attempts"] == 0),
-        "{waiting:?}"
-    );
+    assert!(waiting.iter().all(|r| r["attempts"] == 0), "{waiting:?}");
 
     assert_eq!(reconcile::pass(&app.state).await.unwrap(), 2);
     assert_eq!(app.details_requests().await.len(), 4);
