@@ -26,13 +26,7 @@ both_backends!(
 /// Place a call and post its final callback; returns the call.
 async fn finished_call(app: &TestApp, t: &TestTenant) -> PlacedCall {
     let c = app.place(t, "+919812345678").await;
-    let r = app
-        .callback(
-            &c.url,
-            "application/json",
-            guide_callback(&c.sid).to_string(),
-        )
-        .await;
+    let r = app.finish(&c).await;
     assert_eq!(r.status(), 200);
     c
 }

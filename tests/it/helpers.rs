@@ -635,6 +635,16 @@ impl TestApp {
             .expect("call row")
     }
 
+    /// POST the guide's terminal JSON callback (completed, both legs answered) for `c`.
+    pub async fn finish(&self, c: &PlacedCall) -> reqwest::Response {
+        self.callback(
+            &c.url,
+            "application/json",
+            guide_callback(&c.sid).to_string(),
+        )
+        .await
+    }
+
     /// The call's place on the reconciler's schedule: `(due_at, attempts)`, `None` when off it.
     pub async fn schedule(&self, id: &str) -> Option<(i64, i64)> {
         self.rows(

@@ -79,13 +79,7 @@ async fn a_lost_callback_is_reconciled(backend: Backend) {
     assert_eq!(d[0].1["data"]["outcome"], "connected");
 
     // The late real callback is a duplicate: nothing changes, nothing more is delivered.
-    let r = app
-        .callback(
-            &c.url,
-            "application/json",
-            guide_callback(&c.sid).to_string(),
-        )
-        .await;
+    let r = app.finish(&c).await;
     assert_eq!(r.status(), 200);
     assert_eq!(app.call_row(&c.id).await, row);
     assert_eq!(app.count("jobs").await, 1);

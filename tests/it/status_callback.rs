@@ -28,13 +28,7 @@ async fn the_guides_json_callback_finalises_the_call(backend: Backend) {
     assert_eq!(before["status"], "in-progress");
     assert!(before["ended_at"].is_null());
 
-    let r = app
-        .callback(
-            &c.url,
-            "application/json",
-            guide_callback(&c.sid).to_string(),
-        )
-        .await;
+    let r = app.finish(&c).await;
     assert_eq!(r.status(), 200);
 
     let v = app.view(&t, &c.id).await;
@@ -306,25 +300,13 @@ async fn a_repeated_callback_changes_nothing(backend: Backend) {
     let t = app.tenant(true).await;
     app.exotel_accepts_many("sidp").await;
     let c = app.place(&t, "+919812345678").await;
-    let r = app
-        .callback(
-            &c.url,
-            "application/json",
-            guide_callback(&c.sid).to_string(),
-        )
-        .await;
+    let r = app.finish(&c).await;
     assert_eq!(r.status(), 200);
     let after_first = app.call_row(&c.id).await;
     let jobs_first = app.jobs().await;
     assert_eq!(jobs_first.len(), 1);
 
-    let r = app
-        .callback(
-            &c.url,
-            "application/json",
-            guide_callback(&c.sid).to_string(),
-        )
-        .await;
+    let r = app.finish(&c).await;
     assert_eq!(r.status(), 200);
     // A different terminal status after the final one does not rewrite history either.
     let mut other = guide_callback(&c.sid);
@@ -383,16 +365,11 @@ async fn concurrent_callbacks_for_many_calls_all_commit(backend: Backend) {
     for i in 0..48 {
         calls.push(app.place(&t, &format!("+9198123456{i:02}")).await);
     }
-    let statuses = futures_util::future::join_all(calls.iter().map(|c| async {
-        app.callback(
-            &c.url,
-            "application/json",
-            guide_callback(&c.sid).to_string(),
-        )
-        .await
-        .status()
-        .as_u16()
-    }))
+    let statuses = futures_util::future::join_all(
+        calls
+            .iter()
+            .map(|c| async { app.finish(c).await.status().as_u16() }),
+    )
     .await;
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     assert_eq!(app.count("jobs").await, 48);
@@ -561,13 +538,7 @@ async fn finalising_a_call_changes_no_indexed_column(backend: Backend) {
     let (due, attempts) = app.schedule(&c.id).await.expect("scheduled");
     assert_eq!(attempts, 0);
     assert!(due > callbridge::db::now_ms(), "due later, not now: {due}");
-    let r = app
-        .callback(
-            &c.url,
-            "application/json",
-            guide_callback(&c.sid).to_string(),
-        )
-        .await;
+    let r = app.finish(&c).await;
     assert_eq!(r.status(), 200);
     assert!(app.schedule(&c.id).await.is_none());
 }
@@ -590,13 +561,7 @@ async fn a_progress_callback_updates_without_finalising(backend: Backend) {
     assert!(app.call_row(&c.id).await["finalized_at"].is_null());
     assert_eq!(app.count("jobs").await, 0);
 
-    let r = app
-        .callback(
-            &c.url,
-            "application/json",
-            guide_callback(&c.sid).to_string(),
-        )
-        .await;
+    let r = app.finish(&c).await;
     assert_eq!(r.status(), 200);
     assert_eq!(app.count("jobs").await, 1);
     let final_row = app.call_row(&c.id).await;
