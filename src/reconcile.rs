@@ -79,6 +79,9 @@ pub async fn pass(state: &AppState) -> anyhow::Result<usize> {
     for row in &claimed {
         attempts_of.insert(row.try_get("", "call_id")?, row.try_get("", "attempts")?);
     }
+    if attempts_of.is_empty() {
+        return Ok(0);
+    }
     let ids = serde_json::to_string(&attempts_of.keys().collect::<Vec<_>>())?;
     let rows = db
         .query_all_raw(stmt(
