@@ -12,6 +12,7 @@ both_backends!(
     a_lost_callback_is_reconciled,
     an_unfinished_call_is_asked_again_later,
     the_per_account_budget_limits_lookups,
+    the_schedule_moves_out_of_calls_and_back,
 );
 
 fn basic_auth() -> String {
@@ -187,4 +188,102 @@ async fn the_per_account_budget_limits_lookups(backend: Backend) {
     assert_eq!(reconcile::pass(&app.state).await.unwrap(), 0);
     assert_eq!(app.details_requests().await.len(), 5);
     assert_eq!(app.count("jobs").await, 5);
+}
+
+/// Migration 000006 on a database that already has calls: open calls keep their place and
+/// attempts on the reconciler's schedule, final ones are not scheduled, and `down` restores the
+/// old columns.
+async fn the_schedule_moves_out_of_calls_and_back(backend: Backend) {
+    use migration::MigratorTrait;
+    use sea_orm::{ConnectionTrait, Database};
+
+    let dir = tempfile::tempdir().unwrap();
+    let url = test_config(backend, dir.path()).await.database_url;
+    let db = Database::connect(&url).await.unwrap();
+    migration::Migrator::up(&db, Some(5)).await.unwrap();
+    let b = db.get_database_backend();
+    let exec = |sql: &str| {
+        let db = &db;
+        let sql = sql.to_owned();
+        async move {
+            db.execute_raw(sea_orm::Statement::from_string(b, sql))
+                .await
+                .unwrap();
+        }
+    };
+    exec(
+        "INSERT INTO tenants (id, name, exotel_sid, exotel_api_key, exotel_api_token_sealed, \
+         exotel_api_base, default_region, record, api_key_hash, api_key_last4, flow_token_hash, \
+         flow_token_sealed, created_at, updated_at) VALUES ('ten_1', 't', 's', 'k', 'x', \
+         'http://e', 'IN', false, 'h', '1234', 'fh', 'x', 1, 1)",
+    )
+    .await;
+    for (id, due, attempts, finalized) in [
+        ("call_open", "1700000000000", 3, "NULL"),
+        ("call_final", "NULL", 0, "1700000000001"),
+    ] {
+        exec(&format!(
+            "INSERT INTO calls (id, tenant_id, token_hash, direction, from_number, to_number, \
+             record, exotel_call_sid, status, finalized_at, reconcile_attempts, \
+             next_reconcile_at, created_at, updated_at) VALUES ('{id}', 'ten_1', '{id}', \
+             'outbound', '+1', '+2', false, 'sid_{id}', 'ringing', {finalized}, {attempts}, \
+             {due}, 1, 1)"
+        ))
+        .await;
+    }
+
+    migration::Migrator::up(&db, None).await.unwrap();
+    let rows = db
+        .query_all_raw(sea_orm::Statement::from_string(
+            b,
+            "SELECT call_id, due_at, attempts FROM call_reconcile",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        rows[0].try_get::<String>("", "call_id").unwrap(),
+        "call_open"
+    );
+    assert_eq!(
+        rows[0].try_get::<i64>("", "due_at").unwrap(),
+        1_700_000_000_000
+    );
+    assert_eq!(rows[0].try_get::<i32>("", "attempts").unwrap(), 3);
+    assert!(
+        db.query_one_raw(sea_orm::Statement::from_string(
+            b,
+            "SELECT next_reconcile_at FROM calls"
+        ))
+        .await
+        .is_err(),
+        "the old column is gone"
+    );
+
+    migration::Migrator::down(&db, Some(1)).await.unwrap();
+    let back = db
+        .query_all_raw(sea_orm::Statement::from_string(
+            b,
+            "SELECT id, next_reconcile_at, reconcile_attempts FROM calls ORDER BY id",
+        ))
+        .await
+        .unwrap();
+    let got: Vec<(String, Option<i64>, i32)> = back
+        .iter()
+        .map(|r| {
+            (
+                r.try_get("", "id").unwrap(),
+                r.try_get("", "next_reconcile_at").unwrap(),
+                r.try_get("", "reconcile_attempts").unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("call_final".to_owned(), None, 0),
+            ("call_open".to_owned(), Some(1_700_000_000_000), 3),
+        ]
+    );
+    db.close().await.unwrap();
 }
