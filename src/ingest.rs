@@ -232,17 +232,23 @@ impl Writer {
     }
 
     async fn commit_batch(&self, batch: Vec<Item>) {
-        let backend = self.db.get_database_backend();
+        let label = if self.db.get_database_backend() == DbBackend::Postgres {
+            "postgres"
+        } else {
+            "sqlite"
+        };
         self.metrics
             .ingest_batch
-            .with_label_values(&[if backend == DbBackend::Postgres {
-                "postgres"
-            } else {
-                "sqlite"
-            }])
+            .with_label_values(&[label])
             .observe(batch.len() as f64);
         let updates: Vec<&Update> = batch.iter().map(|i| &i.update).collect();
-        match self.apply(&updates).await {
+        let started = std::time::Instant::now();
+        let applied = self.apply(&updates).await;
+        self.metrics
+            .ingest_commit
+            .with_label_values(&[label])
+            .observe(started.elapsed().as_secs_f64());
+        match applied {
             Ok((outcomes, enqueued)) => {
                 if enqueued {
                     self.jobs_ready.notify_one();

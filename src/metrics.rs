@@ -21,6 +21,8 @@ pub struct Metrics {
     pub delivery_latency: HistogramVec,
     /// Callbacks committed per group-commit transaction.
     pub ingest_batch: HistogramVec,
+    /// Seconds one group-commit transaction took, begin to commit.
+    pub ingest_commit: HistogramVec,
 }
 
 impl Metrics {
@@ -65,6 +67,17 @@ impl Metrics {
             &["backend"],
         )
         .expect("valid metric");
+        let ingest_commit = HistogramVec::new(
+            HistogramOpts::new(
+                "ingest_commit_seconds",
+                "One group-commit transaction, begin to commit",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 1.0,
+            ]),
+            &["backend"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(calls.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(callbacks.clone()),
@@ -72,6 +85,7 @@ impl Metrics {
             Box::new(exotel_latency.clone()),
             Box::new(delivery_latency.clone()),
             Box::new(ingest_batch.clone()),
+            Box::new(ingest_commit.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -83,6 +97,7 @@ impl Metrics {
             exotel_latency,
             delivery_latency,
             ingest_batch,
+            ingest_commit,
         }
     }
 

@@ -733,6 +733,39 @@ struct CallbackReport {
     db_jobs: i64,
     expected_in_db: usize,
     cpu: Cpu,
+    /// The server's own group-commit metrics over the timed callbacks.
+    group_commit: Option<GroupCommit>,
+}
+
+/// What `/metrics` says about the writer's transactions during the timed callbacks.
+#[derive(Debug, serde::Serialize)]
+struct GroupCommit {
+    commits: f64,
+    mean_batch: f64,
+    mean_commit_ms: f64,
+}
+
+/// `(batches, callbacks, commit seconds)` so far, from the server's `/metrics`.
+async fn commit_counters(ctx: &Ctx) -> Option<(f64, f64, f64)> {
+    let req = Request::get(format!("{}/metrics", ctx.base))
+        .body(Full::new(Bytes::new()))
+        .ok()?;
+    let (status, body) = send(&ctx.client, req).await.ok()?;
+    if !status.is_success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&body);
+    let value = |prefix: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    Some((
+        value("callbridge_ingest_batch_size_count"),
+        value("callbridge_ingest_batch_size_sum"),
+        value("callbridge_ingest_commit_seconds_sum"),
+    ))
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -1072,8 +1105,17 @@ async fn measure(
     let cpu_server0 = proc_cpu_secs(pid, ticks).unwrap_or(0.0);
     let cpu_bench0 = proc_cpu_secs(self_pid, ticks).unwrap_or(0.0);
     let machine0 = machine_cpu_secs(ticks).unwrap_or((0.0, 0.0));
+    let commits0 = commit_counters(&ctx).await;
     let o = blast(&ctx.client, &Arc::new(timed), args.concurrency, b"ok").await;
     let machine1 = machine_cpu_secs(ticks).unwrap_or((0.0, 0.0));
+    let group_commit = match (commits0, commit_counters(&ctx).await) {
+        (Some((b0, n0, s0)), Some((b1, n1, s1))) if b1 > b0 => Some(GroupCommit {
+            commits: b1 - b0,
+            mean_batch: (n1 - n0) / (b1 - b0),
+            mean_commit_ms: 1000.0 * (s1 - s0) / (b1 - b0),
+        }),
+        _ => None,
+    };
     let cpu = Cpu {
         server_s: proc_cpu_secs(pid, ticks).unwrap_or(0.0) - cpu_server0,
         bench_s: proc_cpu_secs(self_pid, ticks).unwrap_or(0.0) - cpu_bench0,
@@ -1115,6 +1157,7 @@ async fn measure(
         db_jobs,
         expected_in_db: n_calls,
         cpu,
+        group_commit,
         latency: latency(o.latencies),
     };
     print_callbacks(args, &callbacks);
@@ -1300,6 +1343,12 @@ fn print_callbacks(args: &Args, c: &CallbackReport) {
         c.cpu.machine_capacity_s,
         100.0 * c.cpu.machine_busy_s / c.cpu.machine_capacity_s.max(f64::MIN_POSITIVE)
     );
+    if let Some(g) = &c.group_commit {
+        println!(
+            "    group commit  {:.0} transactions, {:.1} callbacks each, {:.2} ms each (begin to commit)",
+            g.commits, g.mean_batch, g.mean_commit_ms
+        );
+    }
 }
 
 fn mb(kb: u64) -> f64 {

@@ -440,6 +440,12 @@ async fn concurrent_callbacks_for_many_calls_all_commit(backend: Backend) {
         value("callbridge_ingest_batch_size_sum") > value("callbridge_ingest_batch_size_count"),
         "some commit held more than one callback"
     );
+    // Every group commit is timed.
+    assert_eq!(
+        value("callbridge_ingest_commit_seconds_count"),
+        value("callbridge_ingest_batch_size_count")
+    );
+    assert!(value("callbridge_ingest_commit_seconds_sum") > 0.0);
     // A second wave mixing new calls, repeats (of old and new calls), an unknown token and a
     // foreign CallSid: each answered on its own merits; only the new calls enqueue.
     let mut fresh = Vec::new();
