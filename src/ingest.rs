@@ -21,7 +21,7 @@ use crate::{
 };
 
 /// How the call is identified.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum CallKey {
     /// SHA-256 of the callback URL token.
     TokenHash(String),
@@ -303,11 +303,14 @@ impl Writer {
         if all_terminal_callbacks {
             // The common case (Exotel sends terminal callbacks only): one statement for the
             // whole batch instead of one round trip per callback.
-            let firsts: Vec<&Update> = updates
+            let mut firsts: Vec<&Update> = updates
                 .iter()
                 .copied()
                 .filter(|u| seen.insert(&u.key))
                 .collect();
+            // Rows are locked in this order: the same order in every writer, so two writers
+            // holding callbacks for the same calls wait for each other instead of deadlocking.
+            firsts.sort_by(|a, b| a.key.cmp(&b.key));
             let applied = finalize_bulk(&txn, backend, &firsts, now).await?;
             let mut answered: HashSet<&CallKey> = HashSet::new();
             for u in updates {
