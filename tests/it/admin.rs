@@ -930,17 +930,9 @@ async fn admins_only_see_their_own_tenant(backend: Backend) {
     .await;
     app.drain_jobs().await;
     let job_a = scalar_i64(&app, "SELECT id FROM jobs").await;
-    let agent_a = callbridge::tenants::add_agent(
-        &app.state.db,
-        callbridge::tenants::NewAgent {
-            tenant_id: a.id.clone(),
-            phone: "+919876543210".into(),
-            name: Some("Asha".into()),
-            crm_users: vec!["pipedrive:7".into()],
-        },
-    )
-    .await
-    .unwrap();
+    let agent_a = app
+        .add_agent(&a.id, "+919876543210", Some("Asha"), "pipedrive:7")
+        .await;
 
     assert_eq!(
         admin_b

@@ -409,17 +409,8 @@ async fn pipedrive_panel_places_a_call_and_shows_progress() {
     )
     .await
     .unwrap();
-    callbridge::tenants::add_agent(
-        &app.state.db,
-        callbridge::tenants::NewAgent {
-            tenant_id: t.id.clone(),
-            phone: "+919876543210".into(),
-            name: None,
-            crm_users: vec!["pipedrive:123".into()],
-        },
-    )
-    .await
-    .unwrap();
+    app.add_agent(&t.id, "+919876543210", None, "pipedrive:123")
+        .await;
     app.exotel_accepts("sidPanel").await;
     let jwt = jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),

@@ -81,18 +81,23 @@ async fn install(s: &Setup) -> String {
     rows[0]["id"].as_str().unwrap().to_owned()
 }
 
+/// What the panel's sealed status link answers.
+async fn call_progress(s: &Setup, status_url: &str) -> Value {
+    s.app
+        .http
+        .get(status_url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 async fn map_agent(s: &Setup, phone: &str, user: &str) {
-    callbridge::tenants::add_agent(
-        &s.app.state.db,
-        callbridge::tenants::NewAgent {
-            tenant_id: s.t.id.clone(),
-            phone: phone.into(),
-            name: Some("Priya".into()),
-            crm_users: vec![format!("fakecrm:{user}")],
-        },
-    )
-    .await
-    .unwrap();
+    s.app
+        .add_agent(&s.t.id, phone, Some("Priya"), &format!("fakecrm:{user}"))
+        .await;
 }
 
 /// List the fake CRM's users with the installation's token (refreshing it when refused).
@@ -285,16 +290,7 @@ async fn a_click_places_the_call_and_writes_it_back_exactly_once(backend: Backen
     let field = |k: &str| connect.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     assert_eq!(field("From").as_deref(), Some(AGENT));
     assert_eq!(field("To").as_deref(), Some(CUSTOMER));
-    let progress: Value = s
-        .app
-        .http
-        .get(&status_url)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let progress = call_progress(&s, &status_url).await;
     assert_eq!(progress["finished"], false);
 
     finish_call(&s, &s.app.last_status_callback().await, "sid-crm-1").await;
@@ -344,16 +340,7 @@ async fn a_click_places_the_call_and_writes_it_back_exactly_once(backend: Backen
     s.app.drain_jobs().await;
     assert_eq!(s.crm.data().logs.len(), 1);
     assert!(s.crm.data().updates.is_empty());
-    let progress: Value = s
-        .app
-        .http
-        .get(&status_url)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let progress = call_progress(&s, &status_url).await;
     assert_eq!(progress["finished"], true);
     assert_eq!(progress["conversation_duration"], 32);
     // The API shows the CRM sink.

@@ -645,6 +645,27 @@ impl TestApp {
         .await
     }
 
+    /// Add an agent of `tenant_id` on `phone`, mapped to `crm_user` (`connector:user id`).
+    pub async fn add_agent(
+        &self,
+        tenant_id: &str,
+        phone: &str,
+        name: Option<&str>,
+        crm_user: &str,
+    ) -> callbridge::entities::agent::Model {
+        tenants::add_agent(
+            &self.state.db,
+            tenants::NewAgent {
+                tenant_id: tenant_id.to_owned(),
+                phone: phone.to_owned(),
+                name: name.map(str::to_owned),
+                crm_users: vec![crm_user.to_owned()],
+            },
+        )
+        .await
+        .expect("add agent")
+    }
+
     /// The call's place on the reconciler's schedule: `(due_at, attempts)`, `None` when off it.
     pub async fn schedule(&self, id: &str) -> Option<(i64, i64)> {
         self.rows(

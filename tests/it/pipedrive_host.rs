@@ -138,17 +138,14 @@ async fn install(pd: &Pd) {
 }
 
 async fn map_agent(pd: &Pd) {
-    callbridge::tenants::add_agent(
-        &pd.app.state.db,
-        callbridge::tenants::NewAgent {
-            tenant_id: pd.t.id.clone(),
-            phone: AGENT.into(),
-            name: Some("Priya".into()),
-            crm_users: vec![format!("pipedrive:{PD_USER}")],
-        },
-    )
-    .await
-    .unwrap();
+    pd.app
+        .add_agent(
+            &pd.t.id,
+            AGENT,
+            Some("Priya"),
+            &format!("pipedrive:{PD_USER}"),
+        )
+        .await;
 }
 
 fn jwt(secret: &str, exp_offset: i64) -> String {
