@@ -505,7 +505,7 @@ pub async fn place_with(
             ))
             .await?;
         }
-        None => crate::crm::link_to_agent_crm(&txn, &call_id, &t.id, &from).await?,
+        None => crate::crm::link_to_agent_crm(&*txn, &call_id, &t.id, &from).await?,
     }
     txn.commit().await?;
 
@@ -525,7 +525,7 @@ pub async fn place_with(
     let outcome = match &result {
         Ok(c) => {
             state.metrics.calls.with_label_values(&["placed"]).inc();
-            db.execute_raw(stmt(
+            db::execute_write(db, stmt(
                 backend,
                 "UPDATE calls SET exotel_call_sid = ?, status = CASE WHEN status = 'initiating' \
                  THEN ? ELSE status END, updated_at = ? WHERE id = ?",
@@ -550,13 +550,15 @@ pub async fn place_with(
             let r = mark_connect_failed(db, &call_id, status, &e.to_string(), now).await;
             if status == "failed" {
                 // Nothing rang: let the user click again right away.
-                let _ = db
-                    .execute_raw(stmt(
+                let _ = db::execute_write(
+                    db,
+                    stmt(
                         backend,
                         "DELETE FROM call_debounce WHERE call_id = ?",
                         vec![call_id.clone().into()],
-                    ))
-                    .await;
+                    ),
+                )
+                .await;
             }
             r
         }

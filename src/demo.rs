@@ -77,6 +77,7 @@ pub async fn ensure_demo_tenant(state: &AppState) -> anyhow::Result<()> {
         let mut am: tenant::ActiveModel = t.into();
         am.exotel_api_base = Set(exotel_base);
         am.webhook_url = Set(Some(webhook));
+        let _turn = crate::db::write_turn(&state.db).await;
         am.update(&state.db).await?;
         id
     } else {

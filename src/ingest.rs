@@ -311,7 +311,7 @@ impl Writer {
             // Rows are locked in this order: the same order in every writer, so two writers
             // holding callbacks for the same calls wait for each other instead of deadlocking.
             firsts.sort_by(|a, b| a.key.cmp(&b.key));
-            let applied = finalize_bulk(&txn, backend, &firsts, now).await?;
+            let applied = finalize_bulk(&*txn, backend, &firsts, now).await?;
             let mut answered: HashSet<&CallKey> = HashSet::new();
             for u in updates {
                 if !answered.insert(&u.key) {
@@ -330,10 +330,11 @@ impl Writer {
                             terminal: true,
                         }
                     }
-                    None => why_not_applied(&txn, backend, &u.key).await?,
+                    None => why_not_applied(&*txn, backend, &u.key).await?,
                 });
             }
-            let enqueued = after_finalize(&txn, backend, &finished, now, self.max_attempts).await?;
+            let enqueued =
+                after_finalize(&*txn, backend, &finished, now, self.max_attempts).await?;
             txn.commit().await?;
             return Ok((outcomes, enqueued));
         }
@@ -343,9 +344,9 @@ impl Writer {
                 outcomes.push(Outcome::Duplicate);
                 continue;
             }
-            outcomes.push(apply_one(&txn, backend, u, now, &mut finished).await?);
+            outcomes.push(apply_one(&*txn, backend, u, now, &mut finished).await?);
         }
-        let enqueued = after_finalize(&txn, backend, &finished, now, self.max_attempts).await?;
+        let enqueued = after_finalize(&*txn, backend, &finished, now, self.max_attempts).await?;
         txn.commit().await?;
         Ok((outcomes, enqueued))
     }

@@ -350,7 +350,7 @@ pub async fn remove_number(
         return Err(ApiError::NotFound(format!("{number} is not in the pool")));
     }
     expire_where(
-        &txn,
+        &*txn,
         backend,
         "tenant_id = ? AND virtual_number = ?",
         vec![tenant_id.into(), number.into()],
@@ -728,7 +728,7 @@ pub async fn create_session(
     // First statement writes (SQLite holds the write lock from here): expired sessions of these
     // participants give their pairs back before we look for a free number.
     expire_where(
-        &txn,
+        &*txn,
         backend,
         "tenant_id = ? AND id IN (SELECT session_id FROM masking_allocations \
          WHERE tenant_id = ? AND number IN (?, ?))",
@@ -1084,7 +1084,7 @@ pub async fn close_session(
     let txn = db::begin_write(db).await?;
     let now = db::now_ms();
     expire_where(
-        &txn,
+        &*txn,
         backend,
         "tenant_id = ? AND id = ?",
         vec![tenant_id.into(), id.into()],
@@ -1099,9 +1099,9 @@ pub async fn close_session(
         ))
         .await?;
     if open.is_some() {
-        release(&txn, backend, &[id.to_owned()], "closed", now).await?;
+        release(&*txn, backend, &[id.to_owned()], "closed", now).await?;
     }
-    let view = get_session(&txn, tenant_id, id).await?;
+    let view = get_session(&*txn, tenant_id, id).await?;
     txn.commit().await?;
     view.ok_or_else(|| ApiError::NotFound(format!("no session {id}")))
 }
@@ -1173,21 +1173,21 @@ pub async fn update_session(
     let updated = txn.query_one_raw(stmt(backend, &sql, values)).await?;
     if updated.is_none() {
         expire_where(
-            &txn,
+            &*txn,
             backend,
             "tenant_id = ? AND id = ?",
             vec![tenant_id.into(), id.into()],
             now,
         )
         .await?;
-        let exists = get_session(&txn, tenant_id, id).await?;
+        let exists = get_session(&*txn, tenant_id, id).await?;
         txn.commit().await?;
         return Err(match exists {
             Some(_) => ApiError::Conflict(format!("session {id} is closed or expired")),
             None => ApiError::NotFound(format!("no session {id}")),
         });
     }
-    let view = get_session(&txn, tenant_id, id).await?;
+    let view = get_session(&*txn, tenant_id, id).await?;
     txn.commit().await?;
     view.ok_or_else(|| ApiError::NotFound(format!("no session {id}")))
 }
@@ -1204,7 +1204,7 @@ pub async fn sweep_expired(db: &DatabaseConnection) -> Result<usize, DbErr> {
         let txn = db::begin_write(db).await?;
         let now = db::now_ms();
         let ids = expire_where(
-            &txn,
+            &*txn,
             backend,
             &format!(
                 "id IN (SELECT id FROM masking_sessions WHERE status = 'open' \
@@ -1760,25 +1760,25 @@ pub async fn record_passthru(
         match row {
             Some(r) => (r.try_get::<String>("", "id")?, true, true),
             None => (
-                existing_id(&txn, backend, &t.id, &call_sid).await?,
+                existing_id(&*txn, backend, &t.id, &call_sid).await?,
                 false,
                 false,
             ),
         }
     } else {
         (
-            existing_id(&txn, backend, &t.id, &call_sid).await?,
+            existing_id(&*txn, backend, &t.id, &call_sid).await?,
             false,
             false,
         )
     };
     if finished {
         // The agent who took the call: write it back to their CRM like an outbound call.
-        crate::crm::link_to_agent_crm(&txn, &id, &t.id, &to).await?;
+        crate::crm::link_to_agent_crm(&*txn, &id, &t.id, &to).await?;
     }
     let enqueued = if finished {
         crate::ingest::after_finalize(
-            &txn,
+            &*txn,
             backend,
             &[(id.clone(), t.id.clone())],
             now,
@@ -1932,17 +1932,20 @@ impl Slides {
 async fn record_slides(db: &DatabaseConnection, ids: &[String], now: i64) -> Result<(), DbErr> {
     let backend = backend_of(db);
     let json = serde_json::to_string(ids).unwrap_or_else(|_| "[]".into());
-    db.execute_raw(stmt(
-        backend,
-        &format!(
-            "UPDATE masking_sessions SET expires_at = ? + ttl_seconds * 1000, \
+    db::execute_write(
+        db,
+        stmt(
+            backend,
+            &format!(
+                "UPDATE masking_sessions SET expires_at = ? + ttl_seconds * 1000, \
              last_interaction_at = ? WHERE id IN ({}) AND status = 'open' AND expires_at > ? \
              AND (last_interaction_at IS NULL OR expires_at < ? + ttl_seconds * 1000 - \
              CASE WHEN ttl_seconds * 100 < 60000 THEN ttl_seconds * 100 ELSE 60000 END)",
-            db::json_ids_subquery(backend)
+                db::json_ids_subquery(backend)
+            ),
+            vec![now.into(), now.into(), json.into(), now.into(), now.into()],
         ),
-        vec![now.into(), now.into(), json.into(), now.into(), now.into()],
-    ))
+    )
     .await?;
     Ok(())
 }

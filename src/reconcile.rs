@@ -132,11 +132,14 @@ pub async fn pass(state: &AppState) -> anyhow::Result<usize> {
             }
             Ok(_) | Err(_) if attempts >= cfg.reconcile_max_attempts => {
                 tracing::warn!(call = %id, "giving up reconciling after {attempts} attempts");
-                db.execute_raw(stmt(
-                    backend,
-                    "DELETE FROM call_reconcile WHERE call_id = ?",
-                    vec![id.into()],
-                ))
+                db::execute_write(
+                    db,
+                    stmt(
+                        backend,
+                        "DELETE FROM call_reconcile WHERE call_id = ?",
+                        vec![id.into()],
+                    ),
+                )
                 .await?;
             }
             Ok(_) => {
@@ -168,9 +171,9 @@ async fn reschedule(
     wait: Duration,
 ) -> anyhow::Result<()> {
     let backend = state.db.get_database_backend();
-    state
-        .db
-        .execute_raw(stmt(
+    db::execute_write(
+        &state.db,
+        stmt(
             backend,
             "UPDATE call_reconcile SET due_at = ?, attempts = ? WHERE call_id = ?",
             vec![
@@ -178,7 +181,8 @@ async fn reschedule(
                 attempts.max(0).into(),
                 id.to_owned().into(),
             ],
-        ))
-        .await?;
+        ),
+    )
+    .await?;
     Ok(())
 }

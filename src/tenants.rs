@@ -126,6 +126,7 @@ pub async fn create(
     let flow_token = crypto::random_token("", 24);
     let webhook_secret = webhook_url.as_ref().map(|_| crypto::webhook_secret());
     let now = db::now_ms();
+    let turn = db::write_turn(db).await;
     tenant::ActiveModel {
         id: Set(tenant_id.clone()),
         name: Set(name.to_owned()),
@@ -151,6 +152,7 @@ pub async fn create(
     .insert(db)
     .await
     .context("storing the tenant")?;
+    drop(turn);
     let (dial_whom_url, passthru_url) = flow_urls(public_base, &flow_token);
     Ok(CreatedTenant {
         tenant_id,

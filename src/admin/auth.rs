@@ -156,20 +156,26 @@ pub async fn load(state: &AppState, headers: &HeaderMap) -> Result<Option<AdminS
     let last_seen: i64 = row.try_get("", "last_seen_at")?;
     let idle_ms = secs_ms(state.config.admin_session_idle_secs);
     if now >= expires_at || now >= last_seen.saturating_add(idle_ms) {
-        db.execute_raw(stmt(
-            backend,
-            "DELETE FROM admin_sessions WHERE id = ?",
-            vec![hash.into()],
-        ))
+        db::execute_write(
+            db,
+            stmt(
+                backend,
+                "DELETE FROM admin_sessions WHERE id = ?",
+                vec![hash.into()],
+            ),
+        )
         .await?;
         return Ok(None);
     }
     if now - last_seen >= TOUCH_EVERY_MS {
-        db.execute_raw(stmt(
-            backend,
-            "UPDATE admin_sessions SET last_seen_at = ? WHERE id = ?",
-            vec![now.into(), hash.clone().into()],
-        ))
+        db::execute_write(
+            db,
+            stmt(
+                backend,
+                "UPDATE admin_sessions SET last_seen_at = ? WHERE id = ?",
+                vec![now.into(), hash.clone().into()],
+            ),
+        )
         .await?;
     }
     Ok(Some(AdminSession {
@@ -476,22 +482,25 @@ async fn record_failure(state: &AppState, keys: &[(String, i32)]) -> Result<(), 
     let now = db::now_ms();
     let window_floor = now - secs_ms(state.config.admin_login_window_secs);
     for (key, _) in keys {
-        db.execute_raw(stmt(
-            backend,
-            "INSERT INTO admin_login_failures (key, window_start, failures) VALUES (?, ?, 1) \
+        db::execute_write(
+            db,
+            stmt(
+                backend,
+                "INSERT INTO admin_login_failures (key, window_start, failures) VALUES (?, ?, 1) \
              ON CONFLICT (key) DO UPDATE SET \
              failures = CASE WHEN admin_login_failures.window_start <= ? THEN 1 \
                         ELSE admin_login_failures.failures + 1 END, \
              window_start = CASE WHEN admin_login_failures.window_start <= ? THEN ? \
                         ELSE admin_login_failures.window_start END",
-            vec![
-                key.clone().into(),
-                now.into(),
-                window_floor.into(),
-                window_floor.into(),
-                now.into(),
-            ],
-        ))
+                vec![
+                    key.clone().into(),
+                    now.into(),
+                    window_floor.into(),
+                    window_floor.into(),
+                    now.into(),
+                ],
+            ),
+        )
         .await?;
     }
     Ok(())
@@ -500,14 +509,15 @@ async fn record_failure(state: &AppState, keys: &[(String, i32)]) -> Result<(), 
 async fn clear_failures(state: &AppState, keys: &[(String, i32)]) -> Result<(), DbErr> {
     let backend = state.db.get_database_backend();
     for (key, _) in keys {
-        state
-            .db
-            .execute_raw(stmt(
+        db::execute_write(
+            &state.db,
+            stmt(
                 backend,
                 "DELETE FROM admin_login_failures WHERE key = ?",
                 vec![key.clone().into()],
-            ))
-            .await?;
+            ),
+        )
+        .await?;
     }
     Ok(())
 }
@@ -518,17 +528,18 @@ pub(super) async fn logout(
     session: AdminSession,
 ) -> Result<Response, AdminError> {
     let backend = state.db.get_database_backend();
-    state
-        .db
-        .execute_raw(stmt(
+    db::execute_write(
+        &state.db,
+        stmt(
             backend,
             "DELETE FROM admin_sessions WHERE id = ? AND admin_user_id = ?",
             vec![
                 session.session_hash.clone().into(),
                 session.admin_user_id.clone().into(),
             ],
-        ))
-        .await?;
+        ),
+    )
+    .await?;
     let mut resp = Redirect::to("/admin/login?notice=logged-out").into_response();
     resp.headers_mut()
         .append(header::SET_COOKIE, clear_cookie(&state, SESSION_COOKIE));

@@ -8,7 +8,7 @@ use axum::{
     extract::{Path, Query, State, rejection::QueryRejection},
     response::{IntoResponse, Redirect},
 };
-use sea_orm::{ColumnTrait, ConnectionTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
+use sea_orm::{ColumnTrait, EntityTrait, QueryFilter, QueryOrder, QuerySelect};
 use serde::Deserialize;
 
 use super::{AdminError, AdminSession, Chrome, HtmlTemplate, fmt_ms};
@@ -87,9 +87,9 @@ pub(super) async fn retry(
 ) -> Result<impl IntoResponse, AdminError> {
     let now = db::now_ms();
     let backend = state.db.get_database_backend();
-    let r = state
-        .db
-        .execute_raw(stmt(
+    let r = db::execute_write(
+        &state.db,
+        stmt(
             backend,
             "UPDATE jobs SET state = 'queued', run_at = ?, locked_until = NULL, \
              max_attempts = attempts + ?, updated_at = ? \
@@ -101,8 +101,9 @@ pub(super) async fn retry(
                 id.into(),
                 session.tenant_id.clone().into(),
             ],
-        ))
-        .await?;
+        ),
+    )
+    .await?;
     if r.rows_affected() == 0 {
         return Err(AdminError::NotFound(format!(
             "No dead job {id} in this account."
@@ -119,9 +120,9 @@ pub(super) async fn discard(
     Path(id): Path<i64>,
 ) -> Result<impl IntoResponse, AdminError> {
     let backend = state.db.get_database_backend();
-    let r = state
-        .db
-        .execute_raw(stmt(
+    let r = db::execute_write(
+        &state.db,
+        stmt(
             backend,
             "UPDATE jobs SET state = 'discarded', locked_until = NULL, updated_at = ? \
              WHERE id = ? AND tenant_id = ? AND state = 'dead'",
@@ -130,8 +131,9 @@ pub(super) async fn discard(
                 id.into(),
                 session.tenant_id.clone().into(),
             ],
-        ))
-        .await?;
+        ),
+    )
+    .await?;
     if r.rows_affected() == 0 {
         return Err(AdminError::NotFound(format!(
             "No dead job {id} in this account."

@@ -353,7 +353,10 @@ pub(super) async fn save(
     }
     am.webhook_url = Set(v.webhook_url);
     am.updated_at = Set(db::now_ms());
-    let t = am.update(&state.db).await?;
+    let t = {
+        let _turn = db::write_turn(&state.db).await;
+        am.update(&state.db).await?
+    };
     tracing::info!(tenant = %t.id, admin = %session.admin_user_id, token_changed = v.token.is_some(), "tenant settings saved");
     match new_secret {
         Some(secret) => Ok(render(
@@ -397,7 +400,10 @@ pub(super) async fn rotate_webhook_secret(
     let mut am = t.into_active_model();
     am.webhook_secret_sealed = Set(Some(state.sealer.seal(&secret)));
     am.updated_at = Set(db::now_ms());
-    let t = am.update(&state.db).await?;
+    let t = {
+        let _turn = db::write_turn(&state.db).await;
+        am.update(&state.db).await?
+    };
     tracing::info!(tenant = %t.id, admin = %session.admin_user_id, "webhook secret rotated");
     Ok(render(
         &state,

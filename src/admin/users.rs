@@ -130,8 +130,9 @@ pub async fn create(
         .context("hashing the password")??;
     let id = format!("adm_{}", uuid::Uuid::now_v7().simple());
     let backend = db.get_database_backend();
-    let result = db
-        .execute_raw(stmt(
+    let result = db::execute_write(
+        db,
+        stmt(
             backend,
             "INSERT INTO admin_users (id, tenant_id, email, password_hash, created_at) \
              VALUES (?, ?, ?, ?, ?)",
@@ -142,8 +143,9 @@ pub async fn create(
                 password_hash.clone().into(),
                 db::now_ms().into(),
             ],
-        ))
-        .await;
+        ),
+    )
+    .await;
     match result {
         Ok(_) => Ok(AdminUser {
             id,

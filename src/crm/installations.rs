@@ -264,7 +264,7 @@ pub async fn upsert(state: &AppState, new: NewInstall<'_>) -> Result<Installatio
     let api_base = new.tokens.api_base.clone().ok_or(InstallError::NoApiBase)?;
     let txn = db::begin_write(db).await?;
     if let Some(account) = new.account_id
-        && let Some(other) = by_account(&txn, new.connector, account).await?
+        && let Some(other) = by_account(&*txn, new.connector, account).await?
         && other.tenant_id != new.tenant_id
     {
         txn.rollback().await?;
@@ -311,7 +311,7 @@ pub async fn upsert(state: &AppState, new: NewInstall<'_>) -> Result<Installatio
         ],
     ))
     .await?;
-    let stored = for_tenant(&txn, new.tenant_id, new.connector)
+    let stored = for_tenant(&*txn, new.tenant_id, new.connector)
         .await?
         .ok_or_else(|| DbErr::Custom("installation vanished".into()))?;
     txn.commit().await?;
@@ -335,11 +335,14 @@ pub async fn record_error(
     } else {
         "UPDATE installations SET last_error = ?, last_error_at = ?, updated_at = ? WHERE id = ?"
     };
-    db.execute_raw(stmt(
-        db.get_database_backend(),
-        sql,
-        vec![error.into(), now.into(), now.into(), id.into()],
-    ))
+    db::execute_write(
+        db,
+        stmt(
+            db.get_database_backend(),
+            sql,
+            vec![error.into(), now.into(), now.into(), id.into()],
+        ),
+    )
     .await?;
     Ok(())
 }
@@ -356,8 +359,9 @@ pub async fn set_rule(
     default_record: Option<&CrmRecordRef>,
 ) -> Result<bool, DbErr> {
     let record = default_record.and_then(|r| serde_json::to_string(r).ok());
-    let r = db
-        .execute_raw(stmt(
+    let r = db::execute_write(
+        db,
+        stmt(
             db.get_database_backend(),
             "UPDATE installations SET unknown_number_rule = ?, default_record = ?, updated_at = ? \
              WHERE id = ? AND tenant_id = ?",
@@ -368,8 +372,9 @@ pub async fn set_rule(
                 id.into(),
                 tenant_id.into(),
             ],
-        ))
-        .await?;
+        ),
+    )
+    .await?;
     Ok(r.rows_affected() == 1)
 }
 
@@ -379,12 +384,14 @@ pub async fn set_rule(
 /// # Errors
 /// Database failure.
 pub async fn delete(db: &DatabaseConnection, id: &str) -> Result<bool, DbErr> {
-    let r = db
-        .execute_raw(stmt(
+    let r = db::execute_write(
+        db,
+        stmt(
             db.get_database_backend(),
             "DELETE FROM installations WHERE id = ?",
             vec![id.into()],
-        ))
-        .await?;
+        ),
+    )
+    .await?;
     Ok(r.rows_affected() == 1)
 }

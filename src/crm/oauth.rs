@@ -112,9 +112,9 @@ async fn start(
         .map_err(|e| AdminError::BadRequest(format!("{e}")))?;
     let now = db::now_ms();
     let ttl = i64::try_from(state.config.oauth_state_ttl_secs * 1000).unwrap_or(600_000);
-    state
-        .db
-        .execute_raw(stmt(
+    db::execute_write(
+        &state.db,
+        stmt(
             state.db.get_database_backend(),
             "INSERT INTO oauth_states (state_hash, tenant_id, session_hash, connector, \
              pkce_verifier_sealed, vars, redirect_uri, expires_at, created_at) \
@@ -132,17 +132,19 @@ async fn start(
                 (now + ttl).into(),
                 now.into(),
             ],
-        ))
-        .await?;
+        ),
+    )
+    .await?;
     // Old, unused states of anyone: a small table stays small.
-    state
-        .db
-        .execute_raw(stmt(
+    db::execute_write(
+        &state.db,
+        stmt(
             state.db.get_database_backend(),
             "DELETE FROM oauth_states WHERE expires_at < ?",
             vec![now.into()],
-        ))
-        .await?;
+        ),
+    )
+    .await?;
     tracing::info!(connector = %name, tenant = %session.tenant_id, "OAuth install started");
     Ok(Redirect::to(&url).into_response())
 }

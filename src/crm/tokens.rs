@@ -24,7 +24,7 @@ use std::{
 use callbridge_connector::{
     AccessToken, Connector, ConnectorError, InstallContext, OAuthError, RefreshToken,
 };
-use sea_orm::{ConnectionTrait, DbErr};
+use sea_orm::DbErr;
 
 use super::installations::{self, Installation};
 use crate::{
@@ -217,9 +217,9 @@ impl TokenBroker {
     async fn take_lease(&self, state: &AppState, inst: &Installation) -> Result<bool, DbErr> {
         let now = db::now_ms();
         let until = now + i64::try_from(LEASE.as_millis()).unwrap_or(30_000);
-        let r = state
-            .db
-            .execute_raw(stmt(
+        let r = db::execute_write(
+            &state.db,
+            stmt(
                 state.db.get_database_backend(),
                 "UPDATE installations SET refresh_lease_until = ?, refresh_lease_owner = ? \
                  WHERE id = ? AND token_version = ? AND status = 'active' \
@@ -231,21 +231,23 @@ impl TokenBroker {
                     inst.token_version.into(),
                     now.into(),
                 ],
-            ))
-            .await?;
+            ),
+        )
+        .await?;
         Ok(r.rows_affected() == 1)
     }
 
     async fn release_lease(&self, state: &AppState, id: &str) -> Result<(), DbErr> {
-        state
-            .db
-            .execute_raw(stmt(
+        db::execute_write(
+            &state.db,
+            stmt(
                 state.db.get_database_backend(),
                 "UPDATE installations SET refresh_lease_until = NULL, refresh_lease_owner = NULL \
                  WHERE id = ? AND refresh_lease_owner = ?",
                 vec![id.into(), self.owner.clone().into()],
-            ))
-            .await?;
+            ),
+        )
+        .await?;
         Ok(())
     }
 
@@ -275,9 +277,9 @@ impl TokenBroker {
                 let now = db::now_ms();
                 let access = state.sealer.seal(&set.access_token.0);
                 let rotated = set.refresh_token.as_ref().map(|r| state.sealer.seal(&r.0));
-                let r = state
-                    .db
-                    .execute_raw(stmt(
+                let r = db::execute_write(
+                    &state.db,
+                    stmt(
                         state.db.get_database_backend(),
                         "UPDATE installations SET access_token_sealed = ?, \
                          refresh_token_sealed = COALESCE(?, refresh_token_sealed), \
@@ -297,8 +299,9 @@ impl TokenBroker {
                             self.owner.clone().into(),
                             inst.token_version.into(),
                         ],
-                    ))
-                    .await?;
+                    ),
+                )
+                .await?;
                 if r.rows_affected() != 1 {
                     // Our lease ran out mid-refresh and someone else stored a newer token.
                     tracing::warn!(installation = %inst.id, "refresh lease lost; using the stored token");

@@ -312,9 +312,9 @@ async fn insert_log(
     written: &str,
 ) -> Result<(), DbErr> {
     let now = db::now_ms();
-    state
-        .db
-        .execute_raw(stmt(
+    db::execute_write(
+        &state.db,
+        stmt(
             state.db.get_database_backend(),
             "INSERT INTO crm_logs (call_id, installation_id, tenant_id, crm_log_id, updatable, \
              written_hash, recording_uploaded, created_at, updated_at) \
@@ -330,8 +330,9 @@ async fn insert_log(
                 now.into(),
                 now.into(),
             ],
-        ))
-        .await?;
+        ),
+    )
+    .await?;
     Ok(())
 }
 
@@ -341,9 +342,9 @@ async fn set_hash(
     installation_id: &str,
     written: &str,
 ) -> Result<(), DbErr> {
-    state
-        .db
-        .execute_raw(stmt(
+    db::execute_write(
+        &state.db,
+        stmt(
             state.db.get_database_backend(),
             "UPDATE crm_logs SET written_hash = ?, updated_at = ? WHERE call_id = ? \
              AND installation_id = ?",
@@ -353,8 +354,9 @@ async fn set_hash(
                 call_id.into(),
                 installation_id.into(),
             ],
-        ))
-        .await?;
+        ),
+    )
+    .await?;
     Ok(())
 }
 
@@ -363,9 +365,9 @@ async fn mark_uploaded(
     call_id: &str,
     installation_id: &str,
 ) -> Result<(), DbErr> {
-    state
-        .db
-        .execute_raw(stmt(
+    db::execute_write(
+        &state.db,
+        stmt(
             state.db.get_database_backend(),
             "UPDATE crm_logs SET recording_uploaded = ?, updated_at = ? WHERE call_id = ? \
              AND installation_id = ?",
@@ -375,8 +377,9 @@ async fn mark_uploaded(
                 call_id.into(),
                 installation_id.into(),
             ],
-        ))
-        .await?;
+        ),
+    )
+    .await?;
     Ok(())
 }
 
@@ -386,14 +389,15 @@ async fn persist_record(
     record: Option<&CrmRecordRef>,
 ) -> Result<(), DbErr> {
     let json = record.and_then(|r| serde_json::to_string(r).ok());
-    state
-        .db
-        .execute_raw(stmt(
+    db::execute_write(
+        &state.db,
+        stmt(
             state.db.get_database_backend(),
             "UPDATE calls SET crm_record = ? WHERE id = ? AND crm_record IS NULL",
             vec![json.into(), call_id.into()],
-        ))
-        .await?;
+        ),
+    )
+    .await?;
     Ok(())
 }
 

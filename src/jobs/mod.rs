@@ -95,8 +95,9 @@ pub async fn claim(
          RETURNING id, tenant_id, kind, call_id, message_id, attempts, max_attempts"
     );
     let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 4);
-    let rows = db
-        .query_all_raw(stmt(
+    let rows = db::query_write(
+        db,
+        stmt(
             backend,
             &sql,
             vec![
@@ -106,8 +107,9 @@ pub async fn claim(
                 now.into(),
                 i64::try_from(n).unwrap_or(1).into(),
             ],
-        ))
-        .await?;
+        ),
+    )
+    .await?;
     rows.into_iter()
         .map(|r| {
             Ok(Claimed {

@@ -169,7 +169,7 @@ pub async fn get_or_create(state: &AppState, c: &call::Model) -> anyhow::Result<
         vec![c.id.clone().into(), now.into()],
     ))
     .await?;
-    let ttl = tenant_ttl(&txn, &c.tenant_id)
+    let ttl = tenant_ttl(&*txn, &c.tenant_id)
         .await?
         .unwrap_or(LinkTtl::Inherit)
         .effective(state.config.recording_link_ttl_secs);
@@ -291,7 +291,7 @@ pub async fn set_policy(
     }
     if apply_to_current {
         retime(
-            &txn,
+            &*txn,
             tenant_id,
             ttl.effective(state.config.recording_link_ttl_secs),
         )
@@ -345,8 +345,9 @@ pub async fn revoke_call(
     tenant_id: &str,
     call_id: &str,
 ) -> Result<u64, DbErr> {
-    let r = db
-        .execute_raw(stmt(
+    let r = db::execute_write(
+        db,
+        stmt(
             db.get_database_backend(),
             "UPDATE recording_links SET revoked_at = ?, current_call_id = NULL \
              WHERE tenant_id = ? AND call_id = ? AND revoked_at IS NULL",
@@ -355,8 +356,9 @@ pub async fn revoke_call(
                 tenant_id.to_owned().into(),
                 call_id.to_owned().into(),
             ],
-        ))
-        .await?;
+        ),
+    )
+    .await?;
     Ok(r.rows_affected())
 }
 
@@ -365,14 +367,16 @@ pub async fn revoke_call(
 /// # Errors
 /// Database failure.
 pub async fn revoke_all(db: &DatabaseConnection, tenant_id: &str) -> Result<u64, DbErr> {
-    let r = db
-        .execute_raw(stmt(
+    let r = db::execute_write(
+        db,
+        stmt(
             db.get_database_backend(),
             "UPDATE recording_links SET revoked_at = ?, current_call_id = NULL \
              WHERE tenant_id = ? AND revoked_at IS NULL",
             vec![db::now_ms().into(), tenant_id.to_owned().into()],
-        ))
-        .await?;
+        ),
+    )
+    .await?;
     Ok(r.rows_affected())
 }
 
