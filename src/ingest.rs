@@ -8,9 +8,14 @@
 //! If a batch fails, each callback in it is retried in its own transaction so one bad row cannot
 //! fail its neighbours.
 
-use std::{collections::HashSet, sync::Arc};
+use std::{
+    collections::HashSet,
+    sync::{Arc, LazyLock},
+};
 
-use sea_orm::{ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, Value};
+use sea_orm::{
+    ConnectionTrait, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, Statement, Value,
+};
 use tokio::sync::{Notify, oneshot};
 
 use crate::{
@@ -285,70 +290,75 @@ impl Writer {
         }
     }
 
-    /// One transaction for all `updates`. Returns each outcome and whether jobs were enqueued.
+    /// Apply `updates` atomically. Returns each outcome and whether jobs were enqueued.
     async fn apply(&self, updates: &[&Update]) -> Result<(Vec<Outcome>, bool), DbErr> {
+        let all_terminal_callbacks = updates.len() > 1
+            && updates
+                .iter()
+                .all(|u| is_terminal(&u.status) && matches!(u.key, CallKey::TokenHash(_)));
+        if all_terminal_callbacks {
+            return self.apply_terminal_callbacks(updates).await;
+        }
         let txn = db::begin_write(&self.db).await?;
         let backend = txn.get_database_backend();
         let now = db::now_ms();
         let mut outcomes = Vec::with_capacity(updates.len());
         let mut finished: Vec<(String, String)> = Vec::new();
         let mut seen: HashSet<&CallKey> = HashSet::new();
-        // One statement finalises the whole batch instead of one round trip per callback
-        // (measured with callbridge-bench: SQLite 5.9k → 7.4k callbacks/s; PostgreSQL, where each
-        // round trip also waits for the server, about twice the callbacks/s at half the CPU).
-        let all_terminal_callbacks = updates.len() > 1
-            && updates
-                .iter()
-                .all(|u| is_terminal(&u.status) && matches!(u.key, CallKey::TokenHash(_)));
-        if all_terminal_callbacks {
-            // The common case (Exotel sends terminal callbacks only): one statement for the
-            // whole batch instead of one round trip per callback.
-            let mut firsts: Vec<&Update> = updates
-                .iter()
-                .copied()
-                .filter(|u| seen.insert(&u.key))
-                .collect();
-            // Rows are locked in this order: the same order in every writer, so two writers
-            // holding callbacks for the same calls wait for each other instead of deadlocking.
-            firsts.sort_by(|a, b| a.key.cmp(&b.key));
-            let applied = finalize_bulk(&*txn, backend, &firsts, now).await?;
-            let mut answered: HashSet<&CallKey> = HashSet::new();
-            for u in updates {
-                if !answered.insert(&u.key) {
-                    // The same call twice in one batch: the first one wins.
-                    outcomes.push(Outcome::Duplicate);
-                    continue;
-                }
-                let CallKey::TokenHash(h) = &u.key else {
-                    continue;
-                };
-                outcomes.push(match applied.get(h.as_str()) {
-                    Some((id, tenant)) => {
-                        finished.push((id.clone(), tenant.clone()));
-                        Outcome::Applied {
-                            call_id: id.clone(),
-                            terminal: true,
-                        }
-                    }
-                    None => why_not_applied(&*txn, backend, &u.key).await?,
-                });
-            }
-            let enqueued =
-                after_finalize(&*txn, backend, &finished, now, self.max_attempts).await?;
-            txn.commit().await?;
-            return Ok((outcomes, enqueued));
-        }
         for u in updates {
             if !seen.insert(&u.key) && is_terminal(&u.status) {
                 // The same call twice in one batch: the first one wins.
                 outcomes.push(Outcome::Duplicate);
                 continue;
             }
-            outcomes.push(apply_one(&*txn, backend, u, now, &mut finished).await?);
+            outcomes.push(apply_one(&txn, backend, u, now, &mut finished).await?);
         }
-        let enqueued = after_finalize(&*txn, backend, &finished, now, self.max_attempts).await?;
+        let enqueued = after_finalize(&txn, backend, &finished, now, self.max_attempts).await?;
         txn.commit().await?;
         Ok((outcomes, enqueued))
+    }
+
+    /// The common case (Exotel sends terminal callbacks only, keyed by URL token): the whole
+    /// batch is finalised, taken off the reconciler's schedule and given its delivery jobs by
+    /// [`finalize_batch`] in one database round trip (PostgreSQL) or one worker hop between
+    /// BEGIN and COMMIT (SQLite), instead of five or six.
+    async fn apply_terminal_callbacks(
+        &self,
+        updates: &[&Update],
+    ) -> Result<(Vec<Outcome>, bool), DbErr> {
+        let mut seen: HashSet<&CallKey> = HashSet::new();
+        let mut firsts: Vec<&Update> = updates
+            .iter()
+            .copied()
+            .filter(|u| seen.insert(&u.key))
+            .collect();
+        // Rows are locked in this order: the same order in every writer, so two writers
+        // holding callbacks for the same calls wait for each other instead of deadlocking.
+        firsts.sort_by(|a, b| a.key.cmp(&b.key));
+        let applied = finalize_batch(&self.db, &firsts, db::now_ms(), self.max_attempts).await?;
+        let backend = self.db.get_database_backend();
+        let mut outcomes = Vec::with_capacity(updates.len());
+        let mut answered: HashSet<&CallKey> = HashSet::new();
+        for u in updates {
+            if !answered.insert(&u.key) {
+                // The same call twice in one batch: the first one wins.
+                outcomes.push(Outcome::Duplicate);
+                continue;
+            }
+            let CallKey::TokenHash(h) = &u.key else {
+                continue;
+            };
+            outcomes.push(match applied.get(h.as_str()) {
+                Some(id) => Outcome::Applied {
+                    call_id: id.clone(),
+                    terminal: true,
+                },
+                // Committed already; the row says why this one matched nothing (a finalised
+                // call stays final, so a repeat reads as one).
+                None => why_not_applied(&self.db, backend, &u.key).await?,
+            });
+        }
+        Ok((outcomes, !applied.is_empty()))
     }
 }
 
@@ -437,7 +447,7 @@ async fn apply_one(
 
 /// Nothing matched: tell unknown, already-final and wrong-sid apart.
 async fn why_not_applied(
-    txn: &DatabaseTransaction,
+    txn: &impl ConnectionTrait,
     backend: DbBackend,
     key: &CallKey,
 ) -> Result<Outcome, DbErr> {
@@ -456,16 +466,26 @@ async fn why_not_applied(
     Ok(Outcome::SidMismatch)
 }
 
-/// Finalise many calls (terminal callbacks keyed by token hash, one per call) with one
-/// `UPDATE … FROM` over the batch passed as a single JSON parameter: the statement text is the
-/// same for every batch size, so it is prepared once. Returns token hash → (call id, tenant)
-/// for the calls it finalised; the others matched nothing (unknown, already final, other sid).
-async fn finalize_bulk(
-    txn: &DatabaseTransaction,
-    backend: DbBackend,
+/// Finalise many calls (terminal callbacks keyed by token hash, one per call), take them off
+/// the reconciler's schedule and insert their delivery jobs (see [`after_finalize`]), with the
+/// batch passed as a single JSON parameter, so the statement text is the same for every batch
+/// size and is prepared once:
+/// - PostgreSQL: one statement whose data-modifying CTEs feed the finalised rows to the DELETE
+///   and the INSERTs, committed on its own: one round trip per batch.
+/// - SQLite (no UPDATE in a CTE): the four statements as one multi-statement query in one
+///   IMMEDIATE transaction, the later ones selecting the calls this transaction finalised
+///   (`finalized_at` = this batch's `now`; a call finalised by an earlier batch in the same
+///   millisecond matches too, and its schedule DELETE and job INSERTs are no-ops).
+///
+/// Returns token hash → call id for the calls it finalised; the others matched nothing
+/// (unknown, already final, other sid).
+async fn finalize_batch(
+    db: &DatabaseConnection,
     updates: &[&Update],
     now: i64,
-) -> Result<std::collections::HashMap<String, (String, String)>, DbErr> {
+    max_attempts: i32,
+) -> Result<std::collections::HashMap<String, String>, DbErr> {
+    let backend = db.get_database_backend();
     let rows = updates.iter().map(|u| {
         let h = match &u.key {
             CallKey::TokenHash(h) | CallKey::CallId(h) => h,
@@ -477,48 +497,133 @@ async fn finalize_bulk(
             "legs": u.legs, "raw": u.raw,
         })
     });
-    let source = if backend == DbBackend::Postgres {
-        "json_to_recordset(CAST(? AS json)) AS v(h text, sid text, status text, \
-         started_at bigint, ended_at bigint, source text, dur integer, rec text, legs text, \
-         raw text)"
+    let chunks = json_array_chunks(rows, BULK_PARAM_MAX_BYTES);
+    let sql = if backend == DbBackend::Postgres {
+        finalize_batch_postgres_sql()
     } else {
-        "(SELECT json_extract(value, '$.h') AS h, json_extract(value, '$.sid') AS sid, \
-         json_extract(value, '$.status') AS status, \
-         json_extract(value, '$.started_at') AS started_at, \
-         json_extract(value, '$.ended_at') AS ended_at, json_extract(value, '$.source') AS source, \
-         json_extract(value, '$.dur') AS dur, json_extract(value, '$.rec') AS rec, \
-         json_extract(value, '$.legs') AS legs, json_extract(value, '$.raw') AS raw \
-         FROM json_each(?)) AS v"
+        finalize_batch_sqlite_sql()
     };
-    let sql = format!(
-        "UPDATE calls SET status = v.status, \
-         exotel_call_sid = COALESCE(calls.exotel_call_sid, v.sid), \
-         started_at = COALESCE(v.started_at, calls.started_at), \
-         ended_at = COALESCE(v.ended_at, calls.ended_at), finalized_at = ?, \
-         final_source = v.source, conversation_duration = v.dur, recording_url = v.rec, \
-         legs = COALESCE(v.legs, calls.legs), final_payload = v.raw, updated_at = ? \
-         FROM {source} \
-         WHERE calls.token_hash = v.h AND calls.finalized_at IS NULL \
-         AND (calls.exotel_call_sid IS NULL OR calls.exotel_call_sid = v.sid) \
-         RETURNING calls.id, calls.tenant_id, calls.token_hash"
-    );
-    let mut applied = std::collections::HashMap::with_capacity(updates.len());
-    for json in json_array_chunks(rows, BULK_PARAM_MAX_BYTES) {
-        let rows = txn
-            .query_all_raw(stmt(
-                backend,
-                &sql,
-                vec![now.into(), now.into(), json.into()],
-            ))
-            .await?;
-        for r in rows {
-            applied.insert(
-                r.try_get::<String>("", "token_hash")?,
-                (r.try_get("", "id")?, r.try_get("", "tenant_id")?),
-            );
+    let statement = |json: String| {
+        Statement::from_sql_and_values(backend, sql, [json.into(), now.into(), max_attempts.into()])
+    };
+    let mut returned = Vec::new();
+    if backend == DbBackend::Postgres {
+        // Each chunk commits on its own; the caller answers only after the last one.
+        for json in chunks {
+            returned.extend(db.query_all_raw(statement(json)).await?);
         }
+    } else {
+        let txn = db::begin_write(db).await?;
+        for json in chunks {
+            returned.extend(txn.query_all_raw(statement(json)).await?);
+        }
+        txn.commit().await?;
+    }
+    let mut applied = std::collections::HashMap::with_capacity(updates.len());
+    for r in returned {
+        applied.insert(
+            r.try_get::<String>("", "token_hash")?,
+            r.try_get::<String>("", "id")?,
+        );
     }
     Ok(applied)
+}
+
+/// `SET …` of a finalising UPDATE from the batch row `v`, the batch's `now` being parameter 2.
+fn finalize_set(now: &str) -> String {
+    format!(
+        "SET status = v.status, exotel_call_sid = COALESCE(calls.exotel_call_sid, v.sid), \
+         started_at = COALESCE(v.started_at, calls.started_at), \
+         ended_at = COALESCE(v.ended_at, calls.ended_at), finalized_at = {now}, \
+         final_source = v.source, conversation_duration = v.dur, recording_url = v.rec, \
+         legs = COALESCE(v.legs, calls.legs), final_payload = v.raw, updated_at = {now}"
+    )
+}
+
+/// The match of a finalising UPDATE: the call of that token, not final yet, same CallSid.
+const FINALIZE_WHERE: &str = "WHERE calls.token_hash = v.h AND calls.finalized_at IS NULL \
+    AND (calls.exotel_call_sid IS NULL OR calls.exotel_call_sid = v.sid)";
+
+/// `INSERT INTO jobs … SELECT` for each sink of the finalised calls `f` (`from` yields their
+/// id, tenant_id, crm_installation_id): the tenant webhook, and the CRM installation the call
+/// is linked to. `dedupe_key` makes a second enqueue a no-op. Placeholders appear in the order
+/// max_attempts, now, now, now, then those of `from`.
+fn insert_jobs_sql(from: &str, max_attempts: &str, now: &str) -> [String; 2] {
+    let columns = "INSERT INTO jobs (tenant_id, kind, call_id, target, dedupe_key, message_id, \
+        state, attempts, max_attempts, run_at, created_at, updated_at)";
+    // `WHERE` keeps SQLite's parser from reading `ON CONFLICT` as a join constraint.
+    [
+        format!(
+            "{columns} SELECT f.tenant_id, '{kind}', f.id, 'webhook', f.id || ':webhook:final', \
+             'msg_' || f.id, 'queued', 0, {max_attempts}, {now}, {now}, {now} \
+             FROM {from} JOIN tenants t ON t.id = f.tenant_id \
+             WHERE t.webhook_url IS NOT NULL ON CONFLICT (dedupe_key) DO NOTHING",
+            kind = crate::jobs::KIND_WEBHOOK,
+        ),
+        format!(
+            "{columns} SELECT f.tenant_id, '{kind}', f.id, 'crm:' || i.connector, \
+             f.id || ':crm:' || i.id, 'msg_' || f.id || '_' || i.id, 'queued', 0, \
+             {max_attempts}, {now}, {now}, {now} \
+             FROM {from} JOIN installations i ON i.id = f.crm_installation_id \
+             AND i.tenant_id = f.tenant_id WHERE TRUE \
+             ON CONFLICT (dedupe_key) DO NOTHING",
+            kind = crate::jobs::KIND_CRM,
+        ),
+    ]
+}
+
+/// PostgreSQL: `$1` the batch as a JSON array, `$2` now, `$3` the jobs' max attempts.
+fn finalize_batch_postgres_sql() -> &'static str {
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        let [webhook, crm] = insert_jobs_sql("f", "$3", "$2");
+        format!(
+            "WITH v AS (SELECT * FROM json_to_recordset(CAST($1 AS json)) AS v(h text, \
+             sid text, status text, started_at bigint, ended_at bigint, source text, \
+             dur integer, rec text, legs text, raw text)), \
+             f AS (UPDATE calls {set} FROM v {FINALIZE_WHERE} \
+             RETURNING calls.id, calls.tenant_id, calls.crm_installation_id, calls.token_hash), \
+             d AS (DELETE FROM call_reconcile r USING f WHERE r.call_id = f.id), \
+             w AS ({webhook}), c AS ({crm}) \
+             SELECT id, token_hash FROM f",
+            set = finalize_set("$2"),
+        )
+    });
+    &SQL
+}
+
+/// SQLite: `?1` the batch as a JSON array, `?2` now, `?3` the jobs' max attempts.
+fn finalize_batch_sqlite_sql() -> &'static str {
+    static SQL: LazyLock<String> = LazyLock::new(|| {
+        let field = |f: &str| format!("json_extract(value, '$.{f}') AS {f}");
+        let fields = [
+            "h",
+            "sid",
+            "status",
+            "started_at",
+            "ended_at",
+            "source",
+            "dur",
+            "rec",
+            "legs",
+            "raw",
+        ]
+        .map(field)
+        .join(", ");
+        let finalized = "(SELECT id, tenant_id, crm_installation_id FROM calls \
+            WHERE token_hash IN (SELECT json_extract(value, '$.h') FROM json_each(?1)) \
+            AND finalized_at = ?2) AS f";
+        let [webhook, crm] = insert_jobs_sql(finalized, "?3", "?2");
+        format!(
+            "UPDATE calls {set} FROM (SELECT {fields} FROM json_each(?1)) AS v {FINALIZE_WHERE} \
+             RETURNING calls.id, calls.token_hash; \
+             DELETE FROM call_reconcile WHERE call_id IN (SELECT id FROM calls \
+             WHERE token_hash IN (SELECT json_extract(value, '$.h') FROM json_each(?1)) \
+             AND finalized_at = ?2); \
+             {webhook}; {crm}",
+            set = finalize_set("?2"),
+        )
+    });
+    &SQL
 }
 
 /// The largest JSON parameter of one batch statement. sqlx 0.9.0 leaves Nagle's algorithm on
@@ -578,52 +683,27 @@ pub(crate) async fn after_finalize(
         vec![ids.clone().into()],
     ))
     .await?;
-    // `WHERE` keeps SQLite's parser from reading `ON CONFLICT` as a join constraint.
-    let webhook = txn
-        .execute_raw(stmt(
-            backend,
-            &format!(
-                "INSERT INTO jobs (tenant_id, kind, call_id, target, dedupe_key, message_id, state, \
-                 attempts, max_attempts, run_at, created_at, updated_at) \
-                 SELECT c.tenant_id, '{kind}', c.id, 'webhook', c.id || ':webhook:final', \
-                 'msg_' || c.id, 'queued', 0, ?, ?, ?, ? \
-                 FROM calls c JOIN tenants t ON t.id = c.tenant_id \
-                 WHERE t.webhook_url IS NOT NULL AND c.id IN ({ids_in}) \
-                 ON CONFLICT (dedupe_key) DO NOTHING",
-                kind = crate::jobs::KIND_WEBHOOK,
-            ),
-            vec![
-                max_attempts.into(),
-                now.into(),
-                now.into(),
-                now.into(),
-                ids.clone().into(),
-            ],
-        ))
-        .await?;
-    let crm = txn
-        .execute_raw(stmt(
-            backend,
-            &format!(
-                "INSERT INTO jobs (tenant_id, kind, call_id, target, dedupe_key, message_id, state, \
-                 attempts, max_attempts, run_at, created_at, updated_at) \
-                 SELECT c.tenant_id, '{kind}', c.id, 'crm:' || i.connector, \
-                 c.id || ':crm:' || i.id, 'msg_' || c.id || '_' || i.id, 'queued', 0, ?, ?, ?, ? \
-                 FROM calls c JOIN installations i ON i.id = c.crm_installation_id \
-                 AND i.tenant_id = c.tenant_id WHERE c.id IN ({ids_in}) \
-                 ON CONFLICT (dedupe_key) DO NOTHING",
-                kind = crate::jobs::KIND_CRM,
-            ),
-            vec![
-                max_attempts.into(),
-                now.into(),
-                now.into(),
-                now.into(),
-                ids.into(),
-            ],
-        ))
-        .await?;
-    Ok(webhook.rows_affected() + crm.rows_affected() > 0)
+    let finished_calls = format!(
+        "(SELECT id, tenant_id, crm_installation_id FROM calls WHERE id IN ({ids_in})) AS f"
+    );
+    let mut enqueued = 0;
+    for sql in insert_jobs_sql(&finished_calls, "?", "?") {
+        enqueued += txn
+            .execute_raw(stmt(
+                backend,
+                &sql,
+                vec![
+                    max_attempts.into(),
+                    now.into(),
+                    now.into(),
+                    now.into(),
+                    ids.clone().into(),
+                ],
+            ))
+            .await?
+            .rows_affected();
+    }
+    Ok(enqueued > 0)
 }
 
 #[cfg(test)]

@@ -350,7 +350,7 @@ pub async fn remove_number(
         return Err(ApiError::NotFound(format!("{number} is not in the pool")));
     }
     expire_where(
-        &*txn,
+        &txn,
         backend,
         "tenant_id = ? AND virtual_number = ?",
         vec![tenant_id.into(), number.into()],
@@ -728,7 +728,7 @@ pub async fn create_session(
     // First statement writes (SQLite holds the write lock from here): expired sessions of these
     // participants give their pairs back before we look for a free number.
     expire_where(
-        &*txn,
+        &txn,
         backend,
         "tenant_id = ? AND id IN (SELECT session_id FROM masking_allocations \
          WHERE tenant_id = ? AND number IN (?, ?))",
@@ -1084,7 +1084,7 @@ pub async fn close_session(
     let txn = db::begin_write(db).await?;
     let now = db::now_ms();
     expire_where(
-        &*txn,
+        &txn,
         backend,
         "tenant_id = ? AND id = ?",
         vec![tenant_id.into(), id.into()],
@@ -1099,7 +1099,7 @@ pub async fn close_session(
         ))
         .await?;
     if open.is_some() {
-        release(&*txn, backend, &[id.to_owned()], "closed", now).await?;
+        release(&txn, backend, &[id.to_owned()], "closed", now).await?;
     }
     let view = get_session(&*txn, tenant_id, id).await?;
     txn.commit().await?;
@@ -1173,7 +1173,7 @@ pub async fn update_session(
     let updated = txn.query_one_raw(stmt(backend, &sql, values)).await?;
     if updated.is_none() {
         expire_where(
-            &*txn,
+            &txn,
             backend,
             "tenant_id = ? AND id = ?",
             vec![tenant_id.into(), id.into()],
@@ -1204,7 +1204,7 @@ pub async fn sweep_expired(db: &DatabaseConnection) -> Result<usize, DbErr> {
         let txn = db::begin_write(db).await?;
         let now = db::now_ms();
         let ids = expire_where(
-            &*txn,
+            &txn,
             backend,
             &format!(
                 "id IN (SELECT id FROM masking_sessions WHERE status = 'open' \
@@ -1760,14 +1760,14 @@ pub async fn record_passthru(
         match row {
             Some(r) => (r.try_get::<String>("", "id")?, true, true),
             None => (
-                existing_id(&*txn, backend, &t.id, &call_sid).await?,
+                existing_id(&txn, backend, &t.id, &call_sid).await?,
                 false,
                 false,
             ),
         }
     } else {
         (
-            existing_id(&*txn, backend, &t.id, &call_sid).await?,
+            existing_id(&txn, backend, &t.id, &call_sid).await?,
             false,
             false,
         )
@@ -1778,7 +1778,7 @@ pub async fn record_passthru(
     }
     let enqueued = if finished {
         crate::ingest::after_finalize(
-            &*txn,
+            &txn,
             backend,
             &[(id.clone(), t.id.clone())],
             now,

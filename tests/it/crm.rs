@@ -155,6 +155,7 @@ both_backends!(
     one_crm_account_belongs_to_one_tenant,
     bad_clicks_are_refused_and_place_nothing,
     inbound_calls_are_written_back_to_the_agents_crm,
+    calls_finished_together_each_get_one_crm_job,
 );
 
 async fn an_install_stores_sealed_tokens_and_the_account(backend: Backend) {
@@ -877,4 +878,56 @@ async fn inbound_calls_are_written_back_to_the_agents_crm(backend: Backend) {
         log["crm_record"],
         json!({"object_type": "contact", "id": "c-caller"})
     );
+}
+
+/// Callbacks that arrive together are finalised in one batch statement (see `ingest`), which
+/// also inserts each call's CRM job: every call gets exactly one, logged once.
+async fn calls_finished_together_each_get_one_crm_job(backend: Backend) {
+    let s = setup(backend).await;
+    let inst = install(&s).await;
+    map_agent(&s, AGENT, "u1").await;
+    s.app.exotel_accepts_many("sid-wave-").await;
+    let mut calls = Vec::new();
+    for i in 0..24 {
+        let customer = format!("+9198111111{i:02}");
+        s.crm
+            .data()
+            .contacts
+            .push((customer.clone(), format!("c-{i}")));
+        calls.push(s.app.place(&s.t, &customer).await);
+    }
+    let statuses = futures_util::future::join_all(
+        calls
+            .iter()
+            .map(|c| async { s.app.finish(c).await.status().as_u16() }),
+    )
+    .await;
+    assert!(statuses.iter().all(|st| *st == 200), "{statuses:?}");
+    let jobs = s
+        .app
+        .rows(
+            "SELECT call_id, target, dedupe_key, message_id, state, max_attempts FROM jobs \
+             WHERE kind = 'crm' ORDER BY call_id",
+            vec![],
+        )
+        .await;
+    assert_eq!(jobs.len(), calls.len(), "{jobs:?}");
+    let mut ids: Vec<String> = calls.iter().map(|c| c.id.clone()).collect();
+    ids.sort();
+    for (job, id) in jobs.iter().zip(&ids) {
+        assert_eq!(job["call_id"], id.as_str());
+        assert_eq!(job["target"], "crm:fakecrm");
+        assert_eq!(job["dedupe_key"], format!("{id}:crm:{inst}").as_str());
+        assert_eq!(job["message_id"], format!("msg_{id}_{inst}").as_str());
+        assert_eq!(job["state"], "queued");
+        assert!(job["max_attempts"].as_i64().unwrap() > 1);
+    }
+    assert_eq!(s.app.count("call_reconcile").await, 0);
+    // Repeats enqueue nothing more.
+    for c in calls.iter().take(3) {
+        assert_eq!(s.app.finish(c).await.status(), 200);
+    }
+    assert_eq!(s.app.count("jobs").await, calls.len() as i64);
+    s.app.drain_jobs().await;
+    assert_eq!(s.crm.data().logs.len(), calls.len());
 }
