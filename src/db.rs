@@ -29,12 +29,27 @@ use crate::config::Config;
 /// # Errors
 /// The database cannot be reached or opened.
 pub async fn connect(config: &Config) -> anyhow::Result<DatabaseConnection> {
-    let mut opts = ConnectOptions::new(config.database_url.clone());
     let max = match config.db_max_connections {
         0 if config.is_postgres() => 16,
         0 => 8,
         n => n,
     };
+    connect_pool(config, max).await
+}
+
+/// SQLite only: a pool of one connection for the callback writer. Its page cache stays valid
+/// from one group commit to the next (SQLite drops a connection's cache whenever another
+/// connection has written), where a pooled connection would be a different one each time,
+/// re-reading every page it touches.
+///
+/// # Errors
+/// The database cannot be opened.
+pub async fn connect_writer(config: &Config) -> anyhow::Result<DatabaseConnection> {
+    connect_pool(config, 1).await
+}
+
+async fn connect_pool(config: &Config, max: u32) -> anyhow::Result<DatabaseConnection> {
+    let mut opts = ConnectOptions::new(config.database_url.clone());
     opts.max_connections(max)
         .min_connections(1)
         .connect_timeout(Duration::from_secs(10))

@@ -164,12 +164,13 @@ pub async fn build_state(
     let http = http_client()?;
     let exotel = ExotelClient::new(http.clone(), config.exotel_timeout(), Some(metrics.clone()));
     let jobs_ready = Arc::new(Notify::new());
-    let (ingest, handle) = Ingestor::start(
-        db.clone(),
-        &config,
-        metrics.clone(),
-        Arc::clone(&jobs_ready),
-    );
+    let ingest_db = if config.is_postgres() {
+        db.clone()
+    } else {
+        db::connect_writer(&config).await?
+    };
+    let (ingest, handle) =
+        Ingestor::start(ingest_db, &config, metrics.clone(), Arc::clone(&jobs_ready));
     let exotel_offset =
         exotel::parse_offset(&config.exotel_utc_offset).map_err(anyhow::Error::msg)?;
     let public_base = config.public_base();
