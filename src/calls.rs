@@ -457,56 +457,66 @@ pub async fn place_with(
             "a call between these numbers was just placed; try again in a few seconds".into(),
         ));
     }
-    txn.execute_raw(stmt(
-        backend,
-        "INSERT INTO calls (id, tenant_id, token_hash, direction, from_number, to_number, \
-         caller_id, custom_field, record, status, created_at, updated_at) \
-         VALUES (?, ?, ?, 'outbound', ?, ?, ?, ?, ?, 'initiating', ?, ?)",
-        vec![
-            call_id.clone().into(),
-            t.id.clone().into(),
-            crypto::token_hash(&token).into(),
-            from.clone().into(),
-            to.clone().into(),
-            caller_id.clone().into(),
-            req.custom_field.clone().into(),
-            record.into(),
-            now.into(),
-            now.into(),
-        ],
-    ))
-    .await?;
-    // Asked about through the call-details API if no final state has arrived by then.
-    txn.execute_raw(stmt(
-        backend,
-        "INSERT INTO call_reconcile (call_id, due_at, attempts) VALUES (?, ?, 0)",
-        vec![call_id.clone().into(), reconcile_at.into()],
-    ))
-    .await?;
-    match &crm {
+    // The call, linked to its CRM (the click's, or else the agent's), and its place on the
+    // reconciler's schedule (asked about through the call-details API if no final state has
+    // arrived by then), in one statement: each statement is a hop to SQLite's worker thread or
+    // a round trip to PostgreSQL before Exotel is asked to ring anyone.
+    let mut values: Vec<sea_orm::Value> = vec![
+        call_id.clone().into(),
+        t.id.clone().into(),
+        crypto::token_hash(&token).into(),
+        from.clone().into(),
+        to.clone().into(),
+        caller_id.clone().into(),
+        req.custom_field.clone().into(),
+        record.into(),
+        now.into(),
+        now.into(),
+    ];
+    let crm_values = match &crm {
         Some(link) => {
-            txn.execute_raw(stmt(
-                backend,
-                "UPDATE calls SET crm_installation_id = ?, crm_record = ?, crm_related = ?, \
-                 crm_user_id = ? WHERE id = ?",
-                vec![
-                    link.installation_id.clone().into(),
-                    link.record
-                        .as_ref()
-                        .and_then(|r| serde_json::to_string(r).ok())
-                        .into(),
-                    (!link.related.is_empty())
-                        .then(|| serde_json::to_string(&link.related).ok())
-                        .flatten()
-                        .into(),
-                    link.crm_user_id.clone().into(),
-                    call_id.clone().into(),
-                ],
-            ))
-            .await?;
+            values.extend([
+                link.installation_id.clone().into(),
+                link.record
+                    .as_ref()
+                    .and_then(|r| serde_json::to_string(r).ok())
+                    .into(),
+                (!link.related.is_empty())
+                    .then(|| serde_json::to_string(&link.related).ok())
+                    .flatten()
+                    .into(),
+                link.crm_user_id.clone().into(),
+            ]);
+            "?, ?, ?, ?".to_owned()
         }
-        None => crate::crm::link_to_agent_crm(&*txn, &call_id, &t.id, &from).await?,
-    }
+        None => {
+            let m = crate::crm::AGENT_CRM_MATCH;
+            for _ in 0..2 {
+                values.extend([t.id.clone().into(), from.clone().into()]);
+            }
+            format!("(SELECT i.id {m}), NULL, NULL, (SELECT m.crm_user_id {m})")
+        }
+    };
+    let insert_call = format!(
+        "INSERT INTO calls (id, tenant_id, token_hash, direction, from_number, to_number, \
+         caller_id, custom_field, record, status, created_at, updated_at, crm_installation_id, \
+         crm_record, crm_related, crm_user_id) \
+         VALUES (?, ?, ?, 'outbound', ?, ?, ?, ?, ?, 'initiating', ?, ?, {crm_values})"
+    );
+    let sql = if backend == sea_orm::DbBackend::Postgres {
+        values.push(reconcile_at.into());
+        format!(
+            "WITH c AS ({insert_call} RETURNING id) \
+             INSERT INTO call_reconcile (call_id, due_at, attempts) SELECT id, ?, 0 FROM c"
+        )
+    } else {
+        // SQLite runs the two statements of one query in order, binding `?`s across both.
+        values.extend([call_id.clone().into(), reconcile_at.into()]);
+        format!(
+            "{insert_call}; INSERT INTO call_reconcile (call_id, due_at, attempts) VALUES (?, ?, 0)"
+        )
+    };
+    txn.execute_raw(stmt(backend, &sql, values)).await?;
     txn.commit().await?;
 
     let params = ConnectParams {

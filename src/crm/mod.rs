@@ -97,6 +97,13 @@ pub fn display_name(connector: &str) -> String {
     }
 }
 
+/// `FROM … LIMIT 1` of the agent's CRM (parameters: tenant id, agent number): select `i.id` for
+/// the installation and `m.crm_user_id` for the agent's user in it.
+pub(crate) const AGENT_CRM_MATCH: &str = "FROM agents a JOIN agent_crm_users m \
+    ON m.agent_id = a.id AND m.tenant_id = a.tenant_id JOIN installations i \
+    ON i.tenant_id = a.tenant_id AND i.connector = m.connector \
+    WHERE a.tenant_id = ? AND a.phone = ? ORDER BY i.connector, m.crm_user_id LIMIT 1";
+
 /// Link a call to the CRM of its agent: the first installed connector (by name) the agent with
 /// phone `agent_number` is mapped to. Calls that already have a CRM keep it; an agent without a
 /// mapping leaves the call unlinked.
@@ -109,10 +116,7 @@ pub(crate) async fn link_to_agent_crm(
     tenant_id: &str,
     agent_number: &str,
 ) -> Result<(), DbErr> {
-    const MATCH: &str = "FROM agents a JOIN agent_crm_users m ON m.agent_id = a.id \
-        AND m.tenant_id = a.tenant_id JOIN installations i ON i.tenant_id = a.tenant_id \
-        AND i.connector = m.connector WHERE a.tenant_id = ? AND a.phone = ? \
-        ORDER BY i.connector, m.crm_user_id LIMIT 1";
+    const MATCH: &str = AGENT_CRM_MATCH;
     db.execute_raw(stmt(
         db.get_database_backend(),
         &format!(
