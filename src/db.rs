@@ -396,20 +396,30 @@ mod tests {
         }
     }
 
+    /// A WAL-mode SQLite file in `dir` without automatic checkpoints, as `connect` opens it.
+    async fn scratch_sqlite(
+        dir: &tempfile::TempDir,
+        connections: u32,
+        busy_timeout: Duration,
+    ) -> DatabaseConnection {
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
+        let mut opts = ConnectOptions::new(url);
+        opts.max_connections(connections).sqlx_logging(false);
+        opts.map_sqlx_sqlite_opts(move |o| {
+            o.journal_mode(SqliteJournalMode::Wal)
+                .busy_timeout(busy_timeout)
+                .pragma("wal_autocheckpoint", "0")
+        });
+        Database::connect(opts).await.unwrap()
+    }
+
     /// Eight writers at once on one SQLite file whose connections do not wait for the lock at
     /// all (`busy_timeout` 0): without the turns, every writer that meets a held lock fails
     /// with "database is locked".
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn sqlite_writers_in_one_process_take_turns() {
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
-        let mut opts = ConnectOptions::new(url);
-        opts.max_connections(8).sqlx_logging(false);
-        opts.map_sqlx_sqlite_opts(|o| {
-            o.journal_mode(SqliteJournalMode::Wal)
-                .busy_timeout(Duration::ZERO)
-        });
-        let db = Database::connect(opts).await.unwrap();
+        let db = scratch_sqlite(&dir, 8, Duration::ZERO).await;
         db.execute_unprepared("CREATE TABLE t (n INTEGER NOT NULL)")
             .await
             .unwrap();
@@ -460,15 +470,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_growing_wal_is_rewound_past_its_cap() {
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
-        let mut opts = ConnectOptions::new(url);
-        opts.max_connections(4).sqlx_logging(false);
-        opts.map_sqlx_sqlite_opts(|o| {
-            o.journal_mode(SqliteJournalMode::Wal)
-                .busy_timeout(Duration::from_secs(5))
-                .pragma("wal_autocheckpoint", "0")
-        });
-        let db = Database::connect(opts).await.unwrap();
+        let db = scratch_sqlite(&dir, 4, Duration::from_secs(5)).await;
         db.execute_unprepared("CREATE TABLE t (n INTEGER NOT NULL, pad TEXT NOT NULL)")
             .await
             .unwrap();
