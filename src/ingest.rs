@@ -303,7 +303,7 @@ impl Writer {
         let backend = txn.get_database_backend();
         let now = db::now_ms();
         let mut outcomes = Vec::with_capacity(updates.len());
-        let mut finished: Vec<(String, String)> = Vec::new();
+        let mut finished: Vec<String> = Vec::new();
         let mut seen: HashSet<&CallKey> = HashSet::new();
         for u in updates {
             if !seen.insert(&u.key) && is_terminal(&u.status) {
@@ -374,7 +374,7 @@ async fn apply_one(
     backend: DbBackend,
     u: &Update,
     now: i64,
-    finished: &mut Vec<(String, String)>,
+    finished: &mut Vec<String>,
 ) -> Result<Outcome, DbErr> {
     let (key_sql, key_val) = key_clause(&u.key);
     let terminal = is_terminal(&u.status);
@@ -388,7 +388,7 @@ async fn apply_one(
              finalized_at = ?, final_source = ?, conversation_duration = ?, recording_url = ?, \
              legs = COALESCE(?, legs), final_payload = ?, updated_at = ? \
              WHERE {key_sql} AND finalized_at IS NULL \
-             AND (exotel_call_sid IS NULL OR exotel_call_sid = ?) RETURNING id, tenant_id"
+             AND (exotel_call_sid IS NULL OR exotel_call_sid = ?) RETURNING id"
         );
         txn.query_one_raw(stmt(
             backend,
@@ -415,7 +415,7 @@ async fn apply_one(
             "UPDATE calls SET status = ?, exotel_call_sid = COALESCE(exotel_call_sid, ?), \
              started_at = COALESCE(?, started_at), updated_at = ? \
              WHERE {key_sql} AND finalized_at IS NULL \
-             AND (exotel_call_sid IS NULL OR exotel_call_sid = ?) RETURNING id, tenant_id"
+             AND (exotel_call_sid IS NULL OR exotel_call_sid = ?) RETURNING id"
         );
         txn.query_one_raw(stmt(
             backend,
@@ -433,9 +433,8 @@ async fn apply_one(
     };
     if let Some(row) = row {
         let id: String = row.try_get("", "id")?;
-        let tenant: String = row.try_get("", "tenant_id")?;
         if terminal {
-            finished.push((id.clone(), tenant));
+            finished.push(id.clone());
         }
         return Ok(Outcome::Applied {
             call_id: id,
@@ -447,13 +446,13 @@ async fn apply_one(
 
 /// Nothing matched: tell unknown, already-final and wrong-sid apart.
 async fn why_not_applied(
-    txn: &impl ConnectionTrait,
+    conn: &impl ConnectionTrait,
     backend: DbBackend,
     key: &CallKey,
 ) -> Result<Outcome, DbErr> {
     let (key_sql, key_val) = key_clause(key);
     let sql = format!("SELECT finalized_at, exotel_call_sid FROM calls WHERE {key_sql}");
-    let Some(row) = txn
+    let Some(row) = conn
         .query_one_raw(stmt(backend, &sql, vec![key_val]))
         .await?
     else {
@@ -609,16 +608,15 @@ fn finalize_batch_sqlite_sql() -> &'static str {
         ]
         .map(field)
         .join(", ");
-        let finalized = "(SELECT id, tenant_id, crm_installation_id FROM calls \
+        // The calls this batch finalised (see `finalize_batch`).
+        let finalized = "SELECT id, tenant_id, crm_installation_id FROM calls \
             WHERE token_hash IN (SELECT json_extract(value, '$.h') FROM json_each(?1)) \
-            AND finalized_at = ?2) AS f";
-        let [webhook, crm] = insert_jobs_sql(finalized, "?3", "?2");
+            AND finalized_at = ?2";
+        let [webhook, crm] = insert_jobs_sql(&format!("({finalized}) AS f"), "?3", "?2");
         format!(
             "UPDATE calls {set} FROM (SELECT {fields} FROM json_each(?1)) AS v {FINALIZE_WHERE} \
              RETURNING calls.id, calls.token_hash; \
-             DELETE FROM call_reconcile WHERE call_id IN (SELECT id FROM calls \
-             WHERE token_hash IN (SELECT json_extract(value, '$.h') FROM json_each(?1)) \
-             AND finalized_at = ?2); \
+             DELETE FROM call_reconcile WHERE call_id IN (SELECT id FROM ({finalized})); \
              {webhook}; {crm}",
             set = finalize_set("?2"),
         )
@@ -667,15 +665,14 @@ fn json_array_chunks(
 pub(crate) async fn after_finalize(
     txn: &DatabaseTransaction,
     backend: DbBackend,
-    finished: &[(String, String)],
+    finished: &[String],
     now: i64,
     max_attempts: i32,
 ) -> Result<bool, DbErr> {
     if finished.is_empty() {
         return Ok(false);
     }
-    let ids = serde_json::to_string(&finished.iter().map(|(id, _)| id).collect::<Vec<_>>())
-        .unwrap_or_else(|_| "[]".into());
+    let ids = serde_json::to_string(finished).unwrap_or_else(|_| "[]".into());
     let ids_in = db::json_ids_subquery(backend);
     txn.execute_raw(stmt(
         backend,

@@ -1780,7 +1780,7 @@ pub async fn record_passthru(
         crate::ingest::after_finalize(
             &txn,
             backend,
-            &[(id.clone(), t.id.clone())],
+            std::slice::from_ref(&id),
             now,
             state.config.job_max_attempts,
         )
