@@ -417,50 +417,13 @@ pub async fn place_with(
 
     let db = &state.db;
     let backend = db.get_database_backend();
-    let txn = db::begin_write(db).await?;
-    // Take the guard (or find the live one) first: this statement writes, so it takes the lock.
-    let guard = txn
-        .query_one_raw(stmt(
-            backend,
-            "INSERT INTO call_debounce (tenant_id, from_number, to_number, call_id, expires_at) \
-             VALUES (?, ?, ?, ?, ?) ON CONFLICT (tenant_id, from_number, to_number) DO UPDATE \
-             SET call_id = excluded.call_id, expires_at = excluded.expires_at \
-             WHERE call_debounce.expires_at < ? RETURNING call_id",
-            vec![
-                t.id.clone().into(),
-                from.clone().into(),
-                to.clone().into(),
-                call_id.clone().into(),
-                (now + window_ms).into(),
-                now.into(),
-            ],
-        ))
-        .await?;
-    if guard.is_none() {
-        let existing = txn
-            .query_one_raw(stmt(
-                backend,
-                "SELECT call_id FROM call_debounce WHERE tenant_id = ? AND from_number = ? \
-                 AND to_number = ?",
-                vec![t.id.clone().into(), from.clone().into(), to.clone().into()],
-            ))
-            .await?;
-        txn.rollback().await?;
-        if let Some(row) = existing {
-            let id: String = row.try_get("", "call_id")?;
-            if let Some((c, jobs)) = find(db, &t.id, &id).await? {
-                state.metrics.calls.with_label_values(&["debounced"]).inc();
-                return Ok(Placed::Debounced(view(&c, &jobs)));
-            }
-        }
-        return Err(ApiError::Conflict(
-            "a call between these numbers was just placed; try again in a few seconds".into(),
-        ));
-    }
-    // The call, linked to its CRM (the click's, or else the agent's), and its place on the
-    // reconciler's schedule (asked about through the call-details API if no final state has
-    // arrived by then), in one statement: each statement is a hop to SQLite's worker thread or
-    // a round trip to PostgreSQL before Exotel is asked to ring anyone.
+    // The debounce guard, the call (linked to its CRM: the click's, or else the agent's) and its
+    // place on the reconciler's schedule (asked about through the call-details API if no final
+    // state has arrived by then), written in one transaction that costs one hop to SQLite's
+    // worker thread or one round trip to PostgreSQL before Exotel is asked to ring anyone.
+    // The guard comes first: a live one (a repeated click) means no call is inserted.
+    // Parameters: $1 call id, $2 tenant, $3 token hash, $4 from, $5 to, $6 caller id,
+    // $7 custom field, $8 record, $9 now, $10 reconcile at, $11 guard expiry, then the CRM's.
     let mut values: Vec<sea_orm::Value> = vec![
         call_id.clone().into(),
         t.id.clone().into(),
@@ -471,7 +434,8 @@ pub async fn place_with(
         req.custom_field.clone().into(),
         record.into(),
         now.into(),
-        now.into(),
+        reconcile_at.into(),
+        (now + window_ms).into(),
     ];
     let crm_values = match &crm {
         Some(link) => {
@@ -487,37 +451,75 @@ pub async fn place_with(
                     .into(),
                 link.crm_user_id.clone().into(),
             ]);
-            "?, ?, ?, ?".to_owned()
+            "$12, $13, $14, $15".to_owned()
         }
         None => {
-            let m = crate::crm::AGENT_CRM_MATCH;
-            for _ in 0..2 {
-                values.extend([t.id.clone().into(), from.clone().into()]);
-            }
+            let m = crate::crm::agent_crm_match("$2", "$4");
             format!("(SELECT i.id {m}), NULL, NULL, (SELECT m.crm_user_id {m})")
         }
     };
+    let guard = "INSERT INTO call_debounce (tenant_id, from_number, to_number, call_id, \
+         expires_at) VALUES ($2, $4, $5, $1, $11) \
+         ON CONFLICT (tenant_id, from_number, to_number) DO UPDATE \
+         SET call_id = excluded.call_id, expires_at = excluded.expires_at \
+         WHERE call_debounce.expires_at < $9";
     let insert_call = format!(
         "INSERT INTO calls (id, tenant_id, token_hash, direction, from_number, to_number, \
          caller_id, custom_field, record, status, created_at, updated_at, crm_installation_id, \
          crm_record, crm_related, crm_user_id) \
-         VALUES (?, ?, ?, 'outbound', ?, ?, ?, ?, ?, 'initiating', ?, ?, {crm_values})"
+         SELECT $1, $2, $3, 'outbound', $4, $5, $6, $7, $8, 'initiating', $9, $9, {crm_values}"
     );
-    let sql = if backend == sea_orm::DbBackend::Postgres {
-        values.push(reconcile_at.into());
-        format!(
-            "WITH c AS ({insert_call} RETURNING id) \
-             INSERT INTO call_reconcile (call_id, due_at, attempts) SELECT id, ?, 0 FROM c"
-        )
+    let placed = if backend == sea_orm::DbBackend::Postgres {
+        // One statement, committed on its own: the guard's RETURNING row (none when a live
+        // guard holds another call) feeds the call, whose row feeds the schedule.
+        let sql = format!(
+            "WITH g AS ({guard} RETURNING call_id), c AS ({insert_call} FROM g RETURNING id), \
+             r AS (INSERT INTO call_reconcile (call_id, due_at, attempts) \
+             SELECT id, $10, 0 FROM c) SELECT call_id FROM g"
+        );
+        let rows = db
+            .query_all_raw(sea_orm::Statement::from_sql_and_values(
+                backend, sql, values,
+            ))
+            .await?;
+        !rows.is_empty()
     } else {
-        // SQLite runs the two statements of one query in order, binding `?`s across both.
-        values.extend([call_id.clone().into(), reconcile_at.into()]);
-        format!(
-            "{insert_call}; INSERT INTO call_reconcile (call_id, due_at, attempts) VALUES (?, ?, 0)"
-        )
+        // SQLite has no INSERT in a CTE: the statements run in order in one query, the call
+        // only where the guard now holds this call's id.
+        let sql = format!(
+            "{guard}; {insert_call} FROM call_debounce WHERE tenant_id = $2 \
+             AND from_number = $4 AND to_number = $5 AND call_id = $1; \
+             INSERT INTO call_reconcile (call_id, due_at, attempts) \
+             SELECT id, $10, 0 FROM calls WHERE id = $1; \
+             SELECT count(*) AS n FROM calls WHERE id = $1"
+        );
+        let rows = db::sqlite_write_script(db, &sql, values).await?;
+        let n: i64 = match rows.first() {
+            Some(r) => r.try_get("", "n")?,
+            None => 0,
+        };
+        n == 1
     };
-    txn.execute_raw(stmt(backend, &sql, values)).await?;
-    txn.commit().await?;
+    if !placed {
+        let existing = db
+            .query_one_raw(stmt(
+                backend,
+                "SELECT call_id FROM call_debounce WHERE tenant_id = ? AND from_number = ? \
+                 AND to_number = ?",
+                vec![t.id.clone().into(), from.clone().into(), to.clone().into()],
+            ))
+            .await?;
+        if let Some(row) = existing {
+            let id: String = row.try_get("", "call_id")?;
+            if let Some((c, jobs)) = find(db, &t.id, &id).await? {
+                state.metrics.calls.with_label_values(&["debounced"]).inc();
+                return Ok(Placed::Debounced(view(&c, &jobs)));
+            }
+        }
+        return Err(ApiError::Conflict(
+            "a call between these numbers was just placed; try again in a few seconds".into(),
+        ));
+    }
 
     let params = ConnectParams {
         from,

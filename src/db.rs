@@ -236,6 +236,56 @@ pub async fn query_write(
     db.query_all_raw(statement).await
 }
 
+/// SQLite only: `BEGIN IMMEDIATE; {body}; COMMIT` as one query on one pooled connection, in
+/// this process's write turn; the rows `body`'s statements yield, in order. Parameters are
+/// numbered (`$1` or `?1` …) and may repeat across statements.
+///
+/// Through sea-orm, the begin, each statement and the commit are one hop each to the
+/// connection's worker thread, and every hop waits for a thread to wake: on a busy machine the
+/// wake-ups are most of a click's tail. Here the whole transaction is one hop.
+///
+/// The query runs on its own task, so a caller that goes away (a client hanging up) cannot stop
+/// it between the BEGIN and the COMMIT. If a statement fails, the transaction is rolled back on
+/// the same connection before it goes back to the pool, and the connection is closed if even
+/// that fails: no later user of the pool inherits an open transaction.
+///
+/// # Errors
+/// A statement failed (nothing was written), or the pool could not be had.
+pub async fn sqlite_write_script(
+    db: &DatabaseConnection,
+    body: &str,
+    values: Vec<Value>,
+) -> Result<Vec<QueryResult>, DbErr> {
+    use sea_orm::{RuntimeErr, sqlx};
+    let err = |e: sqlx::Error| DbErr::Exec(RuntimeErr::SqlxError(e.into()));
+    let pool = db.get_sqlite_connection_pool().clone();
+    let turn = write_turn(db).await;
+    let sql = format!("BEGIN IMMEDIATE; {body}; COMMIT");
+    let task = tokio::spawn(async move {
+        let _turn = turn;
+        let mut conn = pool.acquire().await.map_err(err)?;
+        let args = sea_query_sqlx::SqlxValues(sea_orm::sea_query::Values(values));
+        match sqlx::query_with(sqlx::AssertSqlSafe(sql), args)
+            .fetch_all(&mut *conn)
+            .await
+        {
+            Ok(rows) => Ok(rows.into_iter().map(QueryResult::from).collect()),
+            Err(e) => {
+                if let Err(r) = sqlx::query("ROLLBACK").execute(&mut *conn).await {
+                    // "no transaction is active": BEGIN itself failed, or SQLite rolled back
+                    // on its own. Anything else leaves the connection's state unknown.
+                    if !r.to_string().contains("no transaction is active") {
+                        conn.close_on_drop();
+                    }
+                }
+                Err(err(e))
+            }
+        }
+    });
+    task.await
+        .map_err(|e| DbErr::Custom(format!("write task failed: {e}")))?
+}
+
 /// A subquery yielding the elements of a JSON array of strings bound as one parameter, for
 /// `col IN (…)`: one statement text for any number of ids, so it is prepared once and cached.
 #[must_use]
@@ -463,6 +513,74 @@ mod tests {
             .unwrap();
         assert_eq!(row.try_get::<i64>("", "n").unwrap(), 80);
         assert!(row.try_get::<i64>("", "lo").unwrap() >= 1000);
+    }
+
+    async fn count(db: &DatabaseConnection, sql: &str) -> i64 {
+        db.query_one_raw(Statement::from_string(DbBackend::Sqlite, sql))
+            .await
+            .unwrap()
+            .unwrap()
+            .try_get::<i64>("", "n")
+            .unwrap()
+    }
+
+    /// A script whose second statement fails writes nothing, and the pool's only connection
+    /// comes back without an open transaction: the next script on it commits.
+    #[tokio::test]
+    async fn a_failed_script_is_rolled_back_on_its_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = scratch_sqlite(&dir, 1, Duration::from_secs(5)).await;
+        db.execute_unprepared("CREATE TABLE t (n INTEGER PRIMARY KEY)")
+            .await
+            .unwrap();
+        let err = sqlite_write_script(
+            &db,
+            "INSERT INTO t (n) VALUES ($1); INSERT INTO t (n) VALUES ($1)",
+            vec![7.into()],
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("UNIQUE"), "{err}");
+        assert_eq!(count(&db, "SELECT COUNT(*) AS n FROM t").await, 0);
+        let rows = sqlite_write_script(
+            &db,
+            "INSERT INTO t (n) VALUES ($1), ($2); SELECT SUM(n) AS n FROM t WHERE n >= $1",
+            vec![7.into(), 8.into()],
+        )
+        .await
+        .unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].try_get::<i64>("", "n").unwrap(), 15);
+        // Committed: another connection sees it.
+        let other = scratch_sqlite(&dir, 1, Duration::from_secs(5)).await;
+        assert_eq!(count(&other, "SELECT COUNT(*) AS n FROM t").await, 2);
+    }
+
+    /// A caller that goes away once the script has started (a client hanging up) does not
+    /// leave it between BEGIN and COMMIT: it commits, and the writer after it gets its turn.
+    #[tokio::test]
+    async fn a_script_whose_caller_goes_away_still_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = scratch_sqlite(&dir, 1, Duration::from_secs(5)).await;
+        db.execute_unprepared("CREATE TABLE t (n INTEGER NOT NULL)")
+            .await
+            .unwrap();
+        let mut script = Box::pin(sqlite_write_script(
+            &db,
+            "INSERT INTO t (n) VALUES ($1)",
+            vec![1.into()],
+        ));
+        // One poll takes the (free) turn and starts the query; then the caller is gone.
+        assert!(futures_util::poll!(script.as_mut()).is_pending());
+        drop(script);
+        execute_write(
+            &db,
+            Statement::from_string(DbBackend::Sqlite, "INSERT INTO t (n) VALUES (2)"),
+        )
+        .await
+        .unwrap();
+        let other = scratch_sqlite(&dir, 1, Duration::from_secs(5)).await;
+        assert_eq!(count(&other, "SELECT COUNT(*) AS n FROM t").await, 2);
     }
 
     /// A reader holding an old snapshot keeps PASSIVE checkpoints from finishing, so the WAL

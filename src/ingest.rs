@@ -320,8 +320,8 @@ impl Writer {
 
     /// The common case (Exotel sends terminal callbacks only, keyed by URL token): the whole
     /// batch is finalised, taken off the reconciler's schedule and given its delivery jobs by
-    /// [`finalize_batch`] in one database round trip (PostgreSQL) or one worker hop between
-    /// BEGIN and COMMIT (SQLite), instead of five or six.
+    /// [`finalize_batch`] in one database round trip (PostgreSQL) or one worker hop, BEGIN to
+    /// COMMIT (SQLite), instead of five or six.
     async fn apply_terminal_callbacks(
         &self,
         updates: &[&Update],
@@ -471,8 +471,9 @@ async fn why_not_applied(
 /// size and is prepared once:
 /// - PostgreSQL: one statement whose data-modifying CTEs feed the finalised rows to the DELETE
 ///   and the INSERTs, committed on its own: one round trip per batch.
-/// - SQLite (no UPDATE in a CTE): the four statements as one multi-statement query in one
-///   IMMEDIATE transaction, the later ones selecting the calls this transaction finalised
+/// - SQLite (no UPDATE in a CTE): BEGIN IMMEDIATE, the four statements and COMMIT as one
+///   multi-statement query ([`db::sqlite_write_script`]): one hop to the writer's thread. The
+///   later statements select the calls this transaction finalised
 ///   (`finalized_at` = this batch's `now`; a call finalised by an earlier batch in the same
 ///   millisecond matches too, and its schedule DELETE and job INSERTs are no-ops).
 ///
@@ -496,27 +497,32 @@ async fn finalize_batch(
             "legs": u.legs, "raw": u.raw,
         })
     });
-    let chunks = json_array_chunks(rows, BULK_PARAM_MAX_BYTES);
-    let sql = if backend == DbBackend::Postgres {
-        finalize_batch_postgres_sql()
-    } else {
-        finalize_batch_sqlite_sql()
-    };
-    let statement = |json: String| {
-        Statement::from_sql_and_values(backend, sql, [json.into(), now.into(), max_attempts.into()])
-    };
     let mut returned = Vec::new();
     if backend == DbBackend::Postgres {
         // Each chunk commits on its own; the caller answers only after the last one.
-        for json in chunks {
-            returned.extend(db.query_all_raw(statement(json)).await?);
+        for json in json_array_chunks(rows, BULK_PARAM_MAX_BYTES) {
+            returned.extend(
+                db.query_all_raw(Statement::from_sql_and_values(
+                    backend,
+                    finalize_batch_postgres_sql(),
+                    [json.into(), now.into(), max_attempts.into()],
+                ))
+                .await?,
+            );
         }
     } else {
-        let txn = db::begin_write(db).await?;
-        for json in chunks {
-            returned.extend(txn.query_all_raw(statement(json)).await?);
+        // No socket, so no segment size to stay under: the batch is one parameter, and BEGIN,
+        // the statements and COMMIT one hop to the writer's thread.
+        for json in json_array_chunks(rows, usize::MAX) {
+            returned.extend(
+                db::sqlite_write_script(
+                    db,
+                    finalize_batch_sqlite_sql(),
+                    vec![json.into(), now.into(), max_attempts.into()],
+                )
+                .await?,
+            );
         }
-        txn.commit().await?;
     }
     let mut applied = std::collections::HashMap::with_capacity(updates.len());
     for r in returned {

@@ -97,12 +97,18 @@ pub fn display_name(connector: &str) -> String {
     }
 }
 
-/// `FROM … LIMIT 1` of the agent's CRM (parameters: tenant id, agent number): select `i.id` for
-/// the installation and `m.crm_user_id` for the agent's user in it.
-pub(crate) const AGENT_CRM_MATCH: &str = "FROM agents a JOIN agent_crm_users m \
-    ON m.agent_id = a.id AND m.tenant_id = a.tenant_id JOIN installations i \
-    ON i.tenant_id = a.tenant_id AND i.connector = m.connector \
-    WHERE a.tenant_id = ? AND a.phone = ? ORDER BY i.connector, m.crm_user_id LIMIT 1";
+/// `FROM … LIMIT 1` of the agent's CRM, with the tenant id and the agent's number bound to the
+/// placeholders `tenant` and `agent`: select `i.id` for the installation and `m.crm_user_id`
+/// for the agent's user in it.
+pub(crate) fn agent_crm_match(tenant: &str, agent: &str) -> String {
+    format!(
+        "FROM agents a JOIN agent_crm_users m \
+         ON m.agent_id = a.id AND m.tenant_id = a.tenant_id JOIN installations i \
+         ON i.tenant_id = a.tenant_id AND i.connector = m.connector \
+         WHERE a.tenant_id = {tenant} AND a.phone = {agent} \
+         ORDER BY i.connector, m.crm_user_id LIMIT 1"
+    )
+}
 
 /// Link a call to the CRM of its agent: the first installed connector (by name) the agent with
 /// phone `agent_number` is mapped to. Calls that already have a CRM keep it; an agent without a
@@ -116,12 +122,12 @@ pub(crate) async fn link_to_agent_crm(
     tenant_id: &str,
     agent_number: &str,
 ) -> Result<(), DbErr> {
-    const MATCH: &str = AGENT_CRM_MATCH;
+    let m = agent_crm_match("?", "?");
     db.execute_raw(stmt(
         db.get_database_backend(),
         &format!(
-            "UPDATE calls SET crm_installation_id = (SELECT i.id {MATCH}), \
-             crm_user_id = (SELECT m.crm_user_id {MATCH}) \
+            "UPDATE calls SET crm_installation_id = (SELECT i.id {m}), \
+             crm_user_id = (SELECT m.crm_user_id {m}) \
              WHERE id = ? AND crm_installation_id IS NULL"
         ),
         vec![
