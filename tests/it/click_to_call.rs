@@ -18,6 +18,7 @@ both_backends!(
     exotel_not_answering_is_504_and_the_call_is_unknown,
     a_repeated_click_returns_the_first_call,
     concurrent_double_clicks_ring_once,
+    the_same_click_after_the_window_is_a_new_call,
 );
 
 fn field<'a>(form: &'a [(String, String)], name: &str) -> Option<&'a str> {
@@ -419,6 +420,34 @@ async fn a_repeated_click_returns_the_first_call(backend: Backend) {
     assert_eq!(r3.status(), 201);
     assert_ne!(r3.json::<Value>().await.unwrap()["id"], first["id"]);
     assert_eq!(app.connect_requests().await.len(), 2);
+}
+
+async fn the_same_click_after_the_window_is_a_new_call(backend: Backend) {
+    let app = TestApp::spawn_with(backend, |c| c.click_debounce_secs = 1).await;
+    let t = app.tenant(true).await;
+    app.exotel_accepts_many("sidw").await;
+    let click = json!({"from": "+919876543210", "to": "+919812345678"});
+
+    let r1 = app.post_call(&t.api_key, click.clone()).await;
+    assert_eq!(r1.status(), 201);
+    let first: Value = r1.json().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // The expired guard is taken over by the new call.
+    let r2 = app.post_call(&t.api_key, click.clone()).await;
+    assert_eq!(r2.status(), 201);
+    let second: Value = r2.json().await.unwrap();
+    assert_ne!(second["id"], first["id"]);
+    assert_eq!(second["exotel_call_sid"], "sidw0001");
+    // … and guards it in turn.
+    let r3 = app.post_call(&t.api_key, click).await;
+    assert_eq!(r3.status(), 200);
+    assert_eq!(r3.json::<Value>().await.unwrap()["id"], second["id"]);
+    assert_eq!(app.connect_requests().await.len(), 2);
+    assert_eq!(app.count("calls").await, 2);
+    assert_eq!(app.count("call_debounce").await, 1);
+    for id in [&first["id"], &second["id"]] {
+        assert!(app.schedule(id.as_str().unwrap()).await.is_some());
+    }
 }
 
 async fn concurrent_double_clicks_ring_once(backend: Backend) {
