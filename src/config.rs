@@ -37,7 +37,7 @@ pub struct Config {
     pub callback_body_limit: usize,
     /// Most callbacks committed in one transaction.
     pub ingest_batch_max: usize,
-    /// Writer tasks committing callback batches (0 = 1 on SQLite, 2 on PostgreSQL).
+    /// Writer tasks committing callback batches.
     pub ingest_writers: usize,
     /// SQLite `synchronous` pragma: `full` (fsync every commit) or `normal`.
     pub sqlite_synchronous: String,
@@ -147,7 +147,7 @@ impl Default for Config {
             click_debounce_secs: 5,
             callback_body_limit: 64 * 1024,
             ingest_batch_max: 512,
-            ingest_writers: 0,
+            ingest_writers: 1,
             sqlite_synchronous: "full".into(),
             db_max_connections: 0,
             worker_enabled: true,
@@ -252,8 +252,11 @@ impl Config {
         if self.job_max_attempts < 1 {
             bail!("CALLBRIDGE_JOB_MAX_ATTEMPTS must be at least 1");
         }
-        if self.ingest_batch_max == 0 || self.worker_concurrency == 0 {
-            bail!("CALLBRIDGE_INGEST_BATCH_MAX and CALLBRIDGE_WORKER_CONCURRENCY must be positive");
+        if self.ingest_batch_max == 0 || self.ingest_writers == 0 || self.worker_concurrency == 0 {
+            bail!(
+                "CALLBRIDGE_INGEST_BATCH_MAX, CALLBRIDGE_INGEST_WRITERS and \
+                 CALLBRIDGE_WORKER_CONCURRENCY must be positive"
+            );
         }
         if self.job_lease_secs <= self.webhook_timeout_secs {
             bail!("CALLBRIDGE_JOB_LEASE_SECS must exceed CALLBRIDGE_WEBHOOK_TIMEOUT_SECS");
