@@ -463,16 +463,26 @@ mod tests {
         Database::connect(opts).await.unwrap()
     }
 
+    /// A fresh [`scratch_sqlite`] in its own directory holding one table `t ({columns})`.
+    async fn scratch_table(
+        connections: u32,
+        busy_timeout: Duration,
+        columns: &str,
+    ) -> (tempfile::TempDir, DatabaseConnection) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = scratch_sqlite(&dir, connections, busy_timeout).await;
+        db.execute_unprepared(&format!("CREATE TABLE t ({columns})"))
+            .await
+            .unwrap();
+        (dir, db)
+    }
+
     /// Eight writers at once on one SQLite file whose connections do not wait for the lock at
     /// all (`busy_timeout` 0): without the turns, every writer that meets a held lock fails
     /// with "database is locked".
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn sqlite_writers_in_one_process_take_turns() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = scratch_sqlite(&dir, 8, Duration::ZERO).await;
-        db.execute_unprepared("CREATE TABLE t (n INTEGER NOT NULL)")
-            .await
-            .unwrap();
+        let (_dir, db) = scratch_table(8, Duration::ZERO, "n INTEGER NOT NULL").await;
         let writers = (0..8).map(|i| {
             let db = db.clone();
             tokio::spawn(async move {
@@ -528,11 +538,7 @@ mod tests {
     /// comes back without an open transaction: the next script on it commits.
     #[tokio::test]
     async fn a_failed_script_is_rolled_back_on_its_connection() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = scratch_sqlite(&dir, 1, Duration::from_secs(5)).await;
-        db.execute_unprepared("CREATE TABLE t (n INTEGER PRIMARY KEY)")
-            .await
-            .unwrap();
+        let (dir, db) = scratch_table(1, Duration::from_secs(5), "n INTEGER PRIMARY KEY").await;
         let err = sqlite_write_script(
             &db,
             "INSERT INTO t (n) VALUES ($1); INSERT INTO t (n) VALUES ($1)",
@@ -560,11 +566,7 @@ mod tests {
     /// leave it between BEGIN and COMMIT: it commits, and the writer after it gets its turn.
     #[tokio::test]
     async fn a_script_whose_caller_goes_away_still_commits() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = scratch_sqlite(&dir, 1, Duration::from_secs(5)).await;
-        db.execute_unprepared("CREATE TABLE t (n INTEGER NOT NULL)")
-            .await
-            .unwrap();
+        let (dir, db) = scratch_table(1, Duration::from_secs(5), "n INTEGER NOT NULL").await;
         let mut script = Box::pin(sqlite_write_script(
             &db,
             "INSERT INTO t (n) VALUES ($1)",
@@ -587,11 +589,12 @@ mod tests {
     /// grows with every commit; past the cap, a round rewinds it once the reader is done.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_growing_wal_is_rewound_past_its_cap() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = scratch_sqlite(&dir, 4, Duration::from_secs(5)).await;
-        db.execute_unprepared("CREATE TABLE t (n INTEGER NOT NULL, pad TEXT NOT NULL)")
-            .await
-            .unwrap();
+        let (_dir, db) = scratch_table(
+            4,
+            Duration::from_secs(5),
+            "n INTEGER NOT NULL, pad TEXT NOT NULL",
+        )
+        .await;
         let write = |n: i64| {
             let db = db.clone();
             async move {
