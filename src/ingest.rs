@@ -486,12 +486,12 @@ async fn finalize_batch(
     max_attempts: i32,
 ) -> Result<std::collections::HashMap<String, String>, DbErr> {
     let backend = db.get_database_backend();
+    let hash = |u: &Update| match &u.key {
+        CallKey::TokenHash(h) | CallKey::CallId(h) => h.clone(),
+    };
     let rows = updates.iter().map(|u| {
-        let h = match &u.key {
-            CallKey::TokenHash(h) | CallKey::CallId(h) => h,
-        };
         serde_json::json!({
-            "h": h, "sid": u.call_sid, "status": u.status, "started_at": u.started_at,
+            "h": hash(u), "sid": u.call_sid, "status": u.status, "started_at": u.started_at,
             "ended_at": u.ended_at, "source": u.source.as_str(),
             "dur": u.conversation_duration.unwrap_or(0), "rec": u.recording_url,
             "legs": u.legs, "raw": u.raw,
@@ -513,28 +513,19 @@ async fn finalize_batch(
     } else {
         // No socket, so no segment size to stay under: the batch is one parameter, and BEGIN,
         // the statements and COMMIT one hop to the writer's thread.
-        let hashes: Vec<&str> = updates
-            .iter()
-            .map(|u| match &u.key {
-                CallKey::TokenHash(h) | CallKey::CallId(h) => h.as_str(),
-            })
-            .collect();
-        let hashes = serde_json::to_string(&hashes).map_err(|e| DbErr::Custom(e.to_string()))?;
-        for json in json_array_chunks(rows, usize::MAX) {
-            returned.extend(
-                db::sqlite_write_script(
-                    db,
-                    finalize_batch_sqlite_sql(),
-                    vec![
-                        json.into(),
-                        now.into(),
-                        max_attempts.into(),
-                        hashes.clone().into(),
-                    ],
-                )
-                .await?,
-            );
-        }
+        let json = serde_json::Value::Array(rows.collect()).to_string();
+        let hashes = serde_json::Value::from(updates.iter().map(|u| hash(u)).collect::<Vec<_>>());
+        returned = db::sqlite_write_script(
+            db,
+            finalize_batch_sqlite_sql(),
+            vec![
+                json.into(),
+                now.into(),
+                max_attempts.into(),
+                hashes.to_string().into(),
+            ],
+        )
+        .await?;
     }
     let mut applied = std::collections::HashMap::with_capacity(updates.len());
     for r in returned {
